@@ -1,0 +1,22 @@
+"""peft-ext: parameter-efficient continual fine-tuning methods for Hugging Face PEFT.
+
+Importing this package registers its methods with PEFT (``PeftType.RESORA``, ``PeftType.ANA``,
+``PeftType.MOECL``), after which ``get_peft_model``, ``PeftModel.from_pretrained`` and friends work with
+:class:`ReSoRAConfig`, :class:`AnAConfig` and :class:`MoECLConfig` exactly as with PEFT's built-in methods.
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .registry import register_method, registered_methods  # noqa: E402
+from .tuners.resora import ReSoRAConfig, ReSoRAModel  # noqa: E402
+# -- continual methods (each subpackage registers itself on import) --
+# peft_ext.tuners.moecl: MoECLConfig, MoECLModel
+# peft_ext.tuners.ana: AnAConfig, AnAModel
+
+__all__ = [
+    "__version__",
+    "ReSoRAConfig",
+    "ReSoRAModel",
+    "register_method",
+    "registered_methods",
+]

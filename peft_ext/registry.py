@@ -1,0 +1,92 @@
+"""Registering peft-ext's methods with HF PEFT.
+
+PEFT knows its methods through the :class:`peft.PeftType` enum and four mappings filled by
+:func:`peft.utils.register_peft_method`. A plugin therefore has to (1) add a member to a ``str`` enum after the
+class was built, and (2) register its config/tuner classes once. Both steps live here, in one place, and are
+idempotent: importing :mod:`peft_ext` twice or calling :func:`importlib.reload` on it changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from peft import PeftType
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.utils import register_peft_method
+
+
+# name -> prefix of every method this package provides; prefixes must not collide with each other or with PEFT's.
+METHOD_PREFIXES: dict[str, str] = {"resora": "resora_", "ana": "ana_", "moecl": "moecl_"}
+
+
+def extend_peft_type(name: str) -> PeftType:
+    """Add ``name`` (upper case, e.g. ``"RESORA"``) to :class:`peft.PeftType` and return the member.
+
+    ``PeftType`` is a ``str`` enum; a member must be reachable as an attribute (``PeftType.RESORA``), by name
+    (``PeftType["RESORA"]``), by value (``PeftType("RESORA")``, used when configs are unpickled), in iteration
+    order (``list(PeftType)``) and must compare/sort like PEFT's own members. Python 3.11+ keeps that in
+    ``_member_map_``, ``_value2member_map_``, ``_member_names_`` and a per-member ``_sort_order_``.
+    """
+    if name != name.upper() or not name.isidentifier():
+        raise ValueError(f"PeftType member names are upper-case identifiers, got {name!r}.")
+    existing = PeftType.__members__.get(name)
+    if existing is not None:
+        return existing
+
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    # type.__setattr__ bypasses EnumType.__setattr__, which refuses to (re)bind member names.
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+def _check_prefix_is_unique(name: str, prefix: str) -> None:
+    """PEFT only rejects identical prefixes; a prefix that starts another one (``"moe_"`` vs ``"moecl_"``) would
+    let one method's state-dict filter pick up the other's tensors, so reject that too."""
+    for peft_type, other in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        if peft_type == name.upper():
+            continue
+        if other.startswith(prefix) or prefix.startswith(other):
+            raise ValueError(
+                f"Prefix {prefix!r} of method {name!r} clashes with prefix {other!r} of {peft_type}: a parameter "
+                "prefix must not start another method's prefix."
+            )
+
+
+def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
+    """Make method ``name`` (lower case) usable through ``get_peft_model``/``PeftModel.from_pretrained``.
+
+    Idempotent: a second call with the same classes (a re-import) is a no-op, and a call after
+    :func:`importlib.reload` re-points the mappings to the reloaded classes.
+    """
+    prefix = METHOD_PREFIXES[name]
+    if getattr(model_cls, "prefix", prefix) != prefix:
+        raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, expected {prefix!r}.")
+    peft_type = extend_peft_type(name.upper())
+    _check_prefix_is_unique(name, prefix)
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        # Already registered (re-import or reload): refresh the classes, which may be new objects after a reload.
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+        return peft_type
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    return peft_type
+
+
+def registered_methods() -> dict[str, PeftType]:
+    """The methods of this package that are registered with PEFT, by lower-case name."""
+    return {n: PeftType[n.upper()] for n in METHOD_PREFIXES if n.upper() in PeftType.__members__}
+
+
+__all__ = ["METHOD_PREFIXES", "extend_peft_type", "register_method", "registered_methods"]

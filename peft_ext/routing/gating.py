@@ -1,0 +1,70 @@
+"""Noisy top-k gating (Shazeer et al., 2017, "Outrageously Large Neural Networks"), shared by AnA and MoE-CL.
+
+``logits = x @ W_gate`` (+ ``N(0, 1) * softplus(x @ W_noise)`` while training); the top ``k`` logits per row are
+soft-maxed and scattered back, the other experts get gate 0. With ``k`` equal to the number of experts this is
+the dense noisy softmax gate AnA uses. Both weight matrices are zero-initialized by the methods, so at init every
+expert gets the same gate (``1/k`` on the first ``k`` experts in eval mode).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class GateOutput(NamedTuple):
+    gates: torch.Tensor  # (N, E): softmax over the selected experts, 0 elsewhere; rows sum to 1
+    top_indices: torch.Tensor  # (N, k): selected experts, by decreasing logit
+    logits: torch.Tensor  # (N, E): the (noisy while training) logits the selection was made on
+
+
+def noisy_top_k_gating(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: Optional[torch.Tensor],
+    k: int,
+    training: bool,
+    noise_epsilon: float = 1e-2,
+) -> GateOutput:
+    """Gate ``x`` ``(N, d)`` over ``E`` experts with ``w_gate``/``w_noise`` ``(d, E)``; noise only if ``training``.
+
+    Computed in float32 whatever the input dtype, so that the top-k choice does not depend on half-precision
+    rounding; the gates are returned in float32.
+    """
+    x = x.float()
+    clean_logits = x @ w_gate.float()
+    if training and w_noise is not None:
+        noise_std = F.softplus(x @ w_noise.float()) + noise_epsilon
+        logits = clean_logits + torch.randn_like(clean_logits) * noise_std
+    else:
+        logits = clean_logits
+    num_experts = logits.shape[-1]
+    k = max(1, min(k, num_experts))
+    if k == num_experts:
+        # dense: no selection, keep the expert order
+        gates = torch.softmax(logits, dim=-1)
+        top_indices = torch.arange(num_experts, device=x.device).expand(logits.shape[0], -1)
+        return GateOutput(gates, top_indices, logits)
+    top_logits, top_indices = logits.topk(k, dim=-1)
+    gates = torch.zeros_like(logits).scatter(-1, top_indices, torch.softmax(top_logits, dim=-1))
+    return GateOutput(gates, top_indices, logits)
+
+
+def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation of a 1-D tensor (0 for fewer than two entries)."""
+    values = values.float()
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var() / (values.mean() ** 2 + eps)
+
+
+def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
+    """Shazeer's auxiliary balance loss: ``cv²(importance) + cv²(load)`` for gates ``(N, E)``.
+
+    importance = summed gate mass per expert (differentiable); load = number of rows routed to each expert.
+    """
+    importance = gates.sum(dim=0)
+    load = (gates > 0).sum(dim=0).to(gates.dtype)
+    return cv_squared(importance) + cv_squared(load)
