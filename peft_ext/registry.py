@@ -8,7 +8,8 @@ idempotent: importing :mod:`peft_ext` twice or calling :func:`importlib.reload` 
 
 from __future__ import annotations
 
-import enum
+import difflib
+import functools
 
 from peft import PeftType
 from peft.mapping import (
@@ -72,6 +73,7 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     prefix = METHOD_PREFIXES[name]
     if getattr(model_cls, "prefix", prefix) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, expected {prefix!r}.")
+    install_peft_type_check()
     peft_type = extend_peft_type(name.upper())
     _check_prefix_is_unique(name, prefix)
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
@@ -84,9 +86,62 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     return peft_type
 
 
+def check_peft_type(peft_type, source: str) -> None:
+    """Raise a one-line ``ValueError`` if ``peft_type`` (read from ``source``) is not a registered method."""
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    known = sorted(str(t.value) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+    close = difflib.get_close_matches(str(peft_type).upper(), known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"{source} has peft_type {peft_type!r}, which is not a registered PEFT method.{hint} "
+        "(peft-ext's RESORA, ANA and MOECL register on `import peft_ext`.)"
+    )
+
+
+def install_peft_type_check() -> None:
+    """Make loading an adapter with an unknown ``peft_type`` fail with a one-line ``ValueError``.
+
+    PEFT looks the type read from ``adapter_config.json`` up in a plain dict, so a misspelled or unregistered type
+    surfaces as a bare ``KeyError: 'RESORAX'``. This wraps the two classmethods through which PEFT's loaders turn
+    that name into a class (``PeftConfigMixin._get_peft_type`` for ``PeftModel.from_pretrained``/``load_adapter``
+    and ``PeftConfigMixin.from_peft_type`` for ``PeftConfig.from_pretrained``) to validate it first. It is the only
+    change peft-ext makes to PEFT's behaviour; idempotent, and valid types pass through untouched.
+    """
+    from peft.config import PeftConfigMixin
+
+    get_type = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+    if getattr(get_type, "_peft_ext_checked", False):
+        return
+    from_type = PeftConfigMixin.__dict__["from_peft_type"].__func__
+
+    @functools.wraps(get_type)
+    def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
+        peft_type = get_type(cls, model_id, **hf_hub_download_kwargs)
+        check_peft_type(peft_type, f"Adapter at {model_id!r}")
+        return peft_type
+
+    @functools.wraps(from_type)
+    def from_peft_type(cls, **kwargs):
+        if "peft_type" in kwargs:
+            check_peft_type(kwargs["peft_type"], "Adapter config")
+        return from_type(cls, **kwargs)
+
+    _get_peft_type._peft_ext_checked = True
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+    PeftConfigMixin.from_peft_type = classmethod(from_peft_type)
+
+
 def registered_methods() -> dict[str, PeftType]:
     """The methods of this package that are registered with PEFT, by lower-case name."""
     return {n: PeftType[n.upper()] for n in METHOD_PREFIXES if n.upper() in PeftType.__members__}
 
 
-__all__ = ["METHOD_PREFIXES", "extend_peft_type", "register_method", "registered_methods"]
+__all__ = [
+    "METHOD_PREFIXES",
+    "extend_peft_type",
+    "check_peft_type",
+    "install_peft_type_check",
+    "register_method",
+    "registered_methods",
+]

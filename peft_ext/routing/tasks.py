@@ -112,6 +112,7 @@ class RoutingState:
         self._resolved: dict[str, torch.Tensor] = {}  # adapter -> (batch,) task indices, for this forward
         self.capture: Optional[list[torch.Tensor]] = None  # when a list: collect the first layer's input
         self.routing_token: dict[str, str] = {}
+        self._captured_this_forward = False
 
     def start_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
         self.attention_mask = attention_mask
@@ -164,6 +165,31 @@ class RoutingState:
         return idx
 
 
+class _RoutingHooks:
+    """Hooks on the wrapped model: take ``task_ids`` out of the forward kwargs (the model itself does not accept
+    it) and reset the per-forward routing. A class rather than closures so the model stays picklable."""
+
+    def __init__(self, routing: RoutingState) -> None:
+        self.routing = routing
+        self.from_kwarg = False
+        self.previous: TaskIds = None
+
+    def pre_forward(self, module: nn.Module, args, kwargs):
+        if "task_ids" in kwargs:
+            kwargs = dict(kwargs)
+            self.previous = self.routing.requested
+            self.routing.requested = kwargs.pop("task_ids")
+            self.from_kwarg = True
+        self.routing.start_forward(kwargs.get("attention_mask"))
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, args, kwargs, output):
+        if self.from_kwarg:
+            self.routing.requested = self.previous
+            self.from_kwarg = False
+        return output
+
+
 class ContinualTunerMixin:
     """Task bookkeeping for a ``BaseTuner`` whose layers implement ``add_task(adapter_name, task_name)``.
 
@@ -190,25 +216,10 @@ class ContinualTunerMixin:
     def _install_routing_hook(self) -> None:
         if getattr(self, "_routing_hook_handle", None) is not None:
             return
-        routing = self.routing
-
-        def pre_forward(module: nn.Module, args, kwargs):
-            if "task_ids" in kwargs:
-                kwargs = dict(kwargs)
-                routing.requested = kwargs.pop("task_ids")
-                routing._requested_by_kwarg = True
-            routing.start_forward(kwargs.get("attention_mask"))
-            return args, kwargs
-
-        def post_forward(module: nn.Module, args, kwargs, output):
-            if getattr(routing, "_requested_by_kwarg", False):
-                routing.requested = None
-                routing._requested_by_kwarg = False
-            return output
-
+        hooks = _RoutingHooks(self.routing)
         self._routing_hook_handle = (
-            self.model.register_forward_pre_hook(pre_forward, with_kwargs=True, prepend=True),
-            self.model.register_forward_hook(post_forward, with_kwargs=True, always_call=True),
+            self.model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True),
+            self.model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True),
         )
 
     # -- public API --------------------------------------------------------------------------------------

@@ -11,10 +11,24 @@ class AdapterCheckpointError(ValueError):
 
 
 def check_state_dict_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], config) -> None:
-    """Raise :class:`AdapterCheckpointError` if an adapter tensor's shape differs from the model's.
+    """Raise :class:`AdapterCheckpointError` if the checkpoint does not fit the adapter built from ``config``.
 
-    ``state_dict`` has the model's keys (after PEFT's remapping); keys the model does not have are left to PEFT.
+    ``state_dict`` has the model's keys (after PEFT's remapping). Two mismatches are caught: a tensor whose shape
+    differs from the model's, and tensors of *another* PEFT method (e.g. ``lora_A`` keys loaded with a ReSoRA
+    config), which PEFT would otherwise skip with a warning and leave the adapter at its initialization.
     """
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    foreign = {p for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if t != config.peft_type}
+    for key in state_dict:
+        for part in key.split("."):
+            if any(part.startswith(prefix) for prefix in foreign) and not part.startswith(
+                PEFT_TYPE_TO_PREFIX_MAPPING[config.peft_type]
+            ):
+                raise AdapterCheckpointError(
+                    f"Checkpoint tensor {key!r} belongs to another PEFT method, not to the {config.peft_type.value} "
+                    "adapter being loaded: the config passed does not match the checkpoint's adapter type."
+                )
     model_state = model.state_dict()
     for key, tensor in state_dict.items():
         expected = model_state.get(key)

@@ -15,6 +15,8 @@ PEFT's ``PeftModel.forward`` never adds tuner losses to ``outputs.loss``; a trai
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -38,6 +40,43 @@ class RegularizedLayerMixin:
         return False
 
 
+def _warn_if_uncollected(tuner, layers) -> None:
+    """Warn (once per tuner) when a training forward recorded loss terms that nobody collected.
+
+    That is what a plain ``transformers.Trainer`` (or any loop that ignores ``get_regularization_loss``) does: it
+    cannot be hooked from outside, but the next forward can tell that the previous one's terms were never read.
+    """
+    collected = tuner.__dict__.get("_reg_collected", True)
+    tuner.__dict__["_reg_collected"] = False
+    if collected or tuner.__dict__.get("_reg_warned", False):
+        return
+    if any(t.requires_grad for layer in layers for t in layer.recorded_regularization()):
+        tuner.__dict__["_reg_warned"] = True
+        warnings.warn(
+            "peft-ext: the model computed a regularization loss that was never added to the training loss, so the "
+            "regularizer is not applied; train with peft_ext.trainers.RegularizedTrainer or add "
+            "model.get_regularization_loss() to your loss.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+class _ClearRegularization:
+    """Forward pre-hook of the wrapped model: each top-level forward starts with empty loss records.
+
+    A class rather than a closure so that the model stays picklable and deep-copyable.
+    """
+
+    def __init__(self, tuner: "RegularizedTunerMixin") -> None:
+        self.tuner = tuner
+
+    def __call__(self, module: nn.Module, args, kwargs):
+        layers = self.tuner._regularized_layers()
+        _warn_if_uncollected(self.tuner, layers)
+        for layer in layers:
+            layer.clear_regularization()
+
+
 class RegularizedTunerMixin:
     """Mixin for a ``BaseTuner`` whose layers record auxiliary losses.
 
@@ -50,12 +89,7 @@ class RegularizedTunerMixin:
     def _install_regularization_hook(self) -> None:
         if getattr(self, "_reg_hook_handle", None) is not None:
             return
-
-        def reset_terms(module: nn.Module, args, kwargs):
-            for layer in self._regularized_layers():
-                layer.clear_regularization()
-
-        self._reg_hook_handle = self.model.register_forward_pre_hook(reset_terms, with_kwargs=True)
+        self._reg_hook_handle = self.model.register_forward_pre_hook(_ClearRegularization(self), with_kwargs=True)
 
     def get_regularization_loss(self) -> torch.Tensor:
         """Mean of the weighted loss terms recorded by the adapted layers in the last forward pass.
@@ -64,6 +98,7 @@ class RegularizedTunerMixin:
         The terms are averaged over adapted modules, so the loss scale does not grow with model depth.
         """
         terms = [t for layer in self._regularized_layers() for t in layer.recorded_regularization()]
+        self.__dict__["_reg_collected"] = True
         if not terms:
             param = next(self.model.parameters())
             return torch.zeros((), device=param.device, dtype=torch.float32)

@@ -124,5 +124,5 @@ class ReSoRAConfig(PeftConfig):
             raise ValueError(f"bias must be 'none', 'all' or 'resora_only', got {self.bias!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and not self.layers_to_transform:
+        if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
