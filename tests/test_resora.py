@@ -93,6 +93,30 @@ def test_variants_select_the_right_terms():
     assert redundancy_terms("none", z, A, B, 2, 1e-8).item() == 0.0
 
 
+@pytest.mark.parametrize("regularizer", ["feature", "feature_a", "feature_b", "weight"])
+def test_gradients_are_finite_at_init(regularizer):
+    """B = 0 at init: every subspace output is 0, a square root there would give NaN gradients."""
+    A = torch.randn(4, 6, requires_grad=True)
+    B = torch.zeros(5, 4, requires_grad=True)
+    z = torch.randn(10, 6) @ A.T
+    redundancy_terms(regularizer, z, A, B, 2, 1e-8).backward()
+    grads = [g for g in (A.grad, B.grad) if g is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_training_from_identity_init_stays_finite():
+    model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=4, reg_weight=1.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        out = model(input_ids=torch.randint(0, 60, (4, 6)), labels=torch.tensor([0, 1, 2, 0]))
+        (out.loss + model.get_regularization_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.get_regularization_loss().item() > 0
+
+
 # ---------------------------------------------------------------- the loss as the model exposes it
 def test_regularization_loss_is_collected_from_the_forward():
     model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=4, init_weights=False, reg_weight=0.5))

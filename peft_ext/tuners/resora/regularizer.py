@@ -61,10 +61,11 @@ def output_cosine_redundancy(z: torch.Tensor, B: torch.Tensor, num_subspaces: in
         return z.new_zeros((), dtype=torch.float32)
     gram = subspace_output_gram(z, B, num_subspaces)
     sq_norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0)  # (N, G)
-    norm_products = (sq_norms.unsqueeze(2) * sq_norms.unsqueeze(1)).sqrt().clamp_min(eps)
-    cos = gram / norm_products
     rows, cols = torch.triu_indices(num_subspaces, num_subspaces, offset=1, device=z.device)
-    return cos[:, rows, cols].pow(2).mean()
+    # cos^2 = <o_g, o_h>^2 / (|o_g|^2 |o_h|^2), without a square root: sqrt has an infinite gradient at 0, and
+    # every output is 0 at init (B = 0).
+    denominators = (sq_norms[:, rows] * sq_norms[:, cols]).clamp_min(eps * eps)
+    return (gram[:, rows, cols].pow(2) / denominators).mean()
 
 
 def _between_subspace_mask(r: int, num_subspaces: int, device) -> torch.Tensor:
