@@ -12,9 +12,15 @@ from .tuners.resora import ReSoRAConfig, ReSoRAModel  # noqa: E402
 # -- continual methods (each subpackage registers itself on import) --
 # peft_ext.tuners.moecl: MoECLConfig, MoECLModel
 # peft_ext.tuners.ana: AnAConfig, AnAModel
+from .tuners.ana import AnAConfig, AnAModel  # noqa: E402
+from .tuners.moecl import MoECLConfig, MoECLModel  # noqa: E402
 
 __all__ = [
     "__version__",
+    "AnAConfig",
+    "AnAModel",
+    "MoECLConfig",
+    "MoECLModel",
     "ReSoRAConfig",
     "ReSoRAModel",
     "register_method",

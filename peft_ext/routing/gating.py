@@ -27,29 +27,49 @@ def noisy_top_k_gating(
     k: int,
     training: bool,
     noise_epsilon: float = 1e-2,
+    expert_mask: Optional[torch.Tensor] = None,
 ) -> GateOutput:
     """Gate ``x`` ``(N, d)`` over ``E`` experts with ``w_gate``/``w_noise`` ``(d, E)``; noise only if ``training``.
+
+    ``w_gate``/``w_noise`` may also be ``(N, d, E)``: one router per row (e.g. per-sample tasks, MoE-CL).
+    ``expert_mask`` (``(E,)`` or ``(N, E)`` bool, optional): experts a row may use; the others get logit ``-inf``
+    and gate 0. A row with fewer than ``k`` allowed experts spreads over the allowed ones; a row with none gets
+    all-zero gates.
 
     Computed in float32 whatever the input dtype, so that the top-k choice does not depend on half-precision
     rounding; the gates are returned in float32.
     """
     x = x.float()
-    clean_logits = x @ w_gate.float()
+    clean_logits = _project(x, w_gate)
     if training and w_noise is not None:
-        noise_std = F.softplus(x @ w_noise.float()) + noise_epsilon
+        noise_std = F.softplus(_project(x, w_noise)) + noise_epsilon
         logits = clean_logits + torch.randn_like(clean_logits) * noise_std
     else:
         logits = clean_logits
+    if expert_mask is not None:
+        logits = logits.masked_fill(~expert_mask.to(torch.bool), float("-inf"))
     num_experts = logits.shape[-1]
     k = max(1, min(k, num_experts))
     if k == num_experts:
         # dense: no selection, keep the expert order
         gates = torch.softmax(logits, dim=-1)
+        if expert_mask is not None:
+            gates = torch.nan_to_num(gates, nan=0.0)  # rows with no allowed expert
         top_indices = torch.arange(num_experts, device=x.device).expand(logits.shape[0], -1)
         return GateOutput(gates, top_indices, logits)
     top_logits, top_indices = logits.topk(k, dim=-1)
-    gates = torch.zeros_like(logits).scatter(-1, top_indices, torch.softmax(top_logits, dim=-1))
+    top_gates = torch.softmax(top_logits, dim=-1)
+    if expert_mask is not None:
+        top_gates = torch.nan_to_num(top_gates, nan=0.0)  # rows with no allowed expert
+    gates = torch.zeros_like(logits).scatter(-1, top_indices, top_gates)
     return GateOutput(gates, top_indices, logits)
+
+
+def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(N, d)`` times a shared ``(d, E)`` or per-row ``(N, d, E)`` matrix, in float32 -> ``(N, E)``."""
+    if w.dim() == 3:
+        return torch.bmm(x.unsqueeze(1), w.float()).squeeze(1)
+    return x @ w.float()
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

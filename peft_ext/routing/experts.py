@@ -1,0 +1,263 @@
+"""A pool of small bottleneck experts, evaluated for per-sample top-k routes without a per-expert Python loop.
+
+Every expert ``e`` is ``x -> relu(x @ D_e + a_e) -> dropout -> (.) @ U_e + c_e`` with ``D_e`` ``(d_in, r)`` and
+``U_e`` ``(r, d_out)``. A sample routed to experts ``i_1..i_k`` with gates ``g_1..g_k`` gets
+
+    y = sum_j g_j * expert_{i_j}(x) = [g_1 h_1, ..., g_k h_k] @ [U_{i_1}; ...; U_{i_k}] + sum_j g_j c_{i_j}
+
+where ``h_j = dropout(relu(x @ D_{i_j} + a_{i_j}))``: the gate is folded into the hidden activations, so the k
+up-projections and their weighted sum are *one* matmul. With the selected experts' weights gathered per sample,
+the whole pool costs two batched matmuls (``torch.baddbmm``/``torch.bmm`` over the batch), whatever ``E`` is.
+
+Each expert's four tensors are separate ``nn.Parameter`` s (``ParameterList`` entries). That is what makes
+activate-freeze exact: a frozen expert has ``requires_grad=False``, gets no ``.grad``, and every torch optimizer
+(AdamW's weight decay and momentum included) skips it, so its weights stay bit-identical. The price is one
+``torch.stack`` per forward in training, of only the experts the batch selects (so unselected experts get no
+gradient, as with the reference's loop); in inference the stacked pool is cached and only rebuilt when a parameter
+changes (tracked by storage pointer and version counter).
+
+Three dispatch strategies compute the same function (tests check they agree):
+
+* ``"gather"`` (default): the batched sparse computation above; cost ``O(B * k)`` expert evaluations.
+* ``"dense"``: every expert on every token, gates zero for unselected experts (``O(B * E)``; the reference point
+  for "computing the pool densely"). Used automatically when ``k == E``.
+* ``"loop"``: the reference implementation's dispatch -- a Python loop over experts, each on the samples routed to
+  it. Kept as a correctness oracle and benchmark baseline, not for training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+DISPATCH_MODES = ("gather", "dense", "loop")
+
+
+class ExpertPool(nn.Module):
+    """``num_experts`` bottleneck adapters ``Linear(d_in, r) + bias -> ReLU -> dropout -> Linear(r, d_out) + bias``.
+
+    Args:
+        num_experts: number of experts ``E``.
+        in_features: input size ``d_in``.
+        r: bottleneck size.
+        out_features: output size ``d_out``.
+        dropout: dropout probability on the bottleneck activations.
+        init_up_zero: True: up-projections (and all biases) start at zero, so the pool's output is zero at init.
+            False: the up-projections get a small random init (tests that need a non-identity adapter).
+
+    Buffers:
+        frozen_at: ``(E,)`` long; the index of the task at whose end the expert was frozen, ``-1`` = trainable.
+            Saved with the adapter.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        r: int,
+        out_features: int,
+        dropout: float = 0.0,
+        init_up_zero: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_experts <= 0 or in_features <= 0 or r <= 0 or out_features <= 0:
+            raise ValueError(
+                f"ExpertPool sizes must be positive, got E={num_experts}, d_in={in_features}, r={r}, "
+                f"d_out={out_features}."
+            )
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.r = r
+        self.out_features = out_features
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.down_weight = nn.ParameterList([nn.Parameter(torch.empty(in_features, r)) for _ in range(num_experts)])
+        self.down_bias = nn.ParameterList([nn.Parameter(torch.zeros(r)) for _ in range(num_experts)])
+        self.up_weight = nn.ParameterList([nn.Parameter(torch.zeros(r, out_features)) for _ in range(num_experts)])
+        self.up_bias = nn.ParameterList([nn.Parameter(torch.zeros(out_features)) for _ in range(num_experts)])
+        self.register_buffer("frozen_at", torch.full((num_experts,), -1, dtype=torch.long))
+        self.reset_parameters(init_up_zero)
+        self.__dict__["_cache"] = None
+
+    @torch.no_grad()
+    def reset_parameters(self, init_up_zero: bool = True) -> None:
+        # Same distribution as nn.Linear's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), +).
+        bound_down = 1.0 / math.sqrt(self.in_features)
+        bound_up = 1.0 / math.sqrt(self.r)
+        for e in range(self.num_experts):
+            self.down_weight[e].uniform_(-bound_down, bound_down)
+            self.down_bias[e].zero_()
+            self.up_bias[e].zero_()
+            if init_up_zero:
+                self.up_weight[e].zero_()
+            else:
+                self.up_weight[e].uniform_(-bound_up, bound_up)
+
+    # -- freezing -------------------------------------------------------------------------------------------
+    @property
+    def frozen_mask(self) -> torch.Tensor:
+        """``(E,)`` bool: experts frozen by activate-freeze."""
+        return self.frozen_at >= 0
+
+    def expert_parameters(self, expert: int) -> list[nn.Parameter]:
+        return [self.down_weight[expert], self.down_bias[expert], self.up_weight[expert], self.up_bias[expert]]
+
+    def freeze(self, experts: torch.Tensor, task_index: int) -> list[int]:
+        """Freeze ``experts`` (indices) at the end of task ``task_index``; already frozen ones keep their task.
+
+        Returns the indices newly frozen. Their parameters get ``requires_grad=False``.
+        """
+        newly = []
+        for e in experts.tolist():
+            if int(self.frozen_at[e]) < 0:
+                self.frozen_at[e] = task_index
+                newly.append(int(e))
+        for e in newly:
+            for p in self.expert_parameters(e):
+                p.requires_grad_(False)
+        return newly
+
+    def restrict_requires_grad(self, trainable: bool) -> None:
+        """Turn ``requires_grad`` off where the schedule says so (frozen experts; all if not ``trainable``).
+
+        Never turns it on: enabling is PEFT's job (``set_adapter``), which calls this right after.
+        """
+        frozen = self.frozen_mask.tolist()
+        for e in range(self.num_experts):
+            if frozen[e] or not trainable:
+                for p in self.expert_parameters(e):
+                    p.requires_grad_(False)
+
+    # -- checkpoint guard -------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        key_prefix = prefix + "down_weight."
+        indices = {k[len(key_prefix) :] for k in state_dict if k.startswith(key_prefix)}
+        if indices:
+            found = len(indices)
+            if found != self.num_experts:
+                raise ValueError(
+                    f"Checkpoint has {found} experts at {prefix.rstrip('.')} but the config sets num_experts="
+                    f"{self.num_experts}; load with a config whose num_experts matches the checkpoint."
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        self.__dict__["_cache"] = None
+
+    # -- stacked weights ----------------------------------------------------------------------------------------
+    def _all_params(self) -> list[nn.Parameter]:
+        # the ParameterLists' own dicts, in index order: cheaper than iterating them (one getattr per entry), and
+        # always current (PEFT's dtype autocast replaces entries in place)
+        return [
+            *self.down_weight._parameters.values(),
+            *self.down_bias._parameters.values(),
+            *self.up_weight._parameters.values(),
+            *self.up_bias._parameters.values(),
+        ]
+
+    def stacked(self, experts: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(D (E,d_in,r), a (E,r), U (E,r,d_out), c (E,d_out))``, or only the rows of ``experts`` when given.
+
+        With grad mode on, a fresh differentiable stack (of ``experts`` only: the others get no gradient at all,
+        exactly as if they had been skipped by a loop). Without (``no_grad``/``inference_mode``), a cached copy of
+        the whole pool, rebuilt only when a parameter's storage or version changes (optimizer steps, loading,
+        ``.to()``).
+        """
+        if torch.is_grad_enabled():
+            self.__dict__["_cache"] = None
+            return self._stack(experts)
+        params = self._all_params()
+        key = (torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._stack())
+            self.__dict__["_cache"] = cache
+        if experts is None:
+            return cache[1]
+        rows = torch.tensor(experts, device=cache[1][0].device)
+        return tuple(t.index_select(0, rows) for t in cache[1])
+
+    def _stack(self, experts: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        lists = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
+        out = []
+        for plist in lists:
+            params = list(plist._parameters.values())
+            out.append(torch.stack(params if experts is None else [params[e] for e in experts]))
+        return tuple(out)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_cache"] = None
+        return super()._apply(fn, recurse)
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        gates: torch.Tensor,
+        top_indices: torch.Tensor,
+        dispatch: str = "gather",
+    ) -> torch.Tensor:
+        """Mixture output for ``x`` ``(B, ..., d_in)`` with per-sample ``gates`` ``(B, E)`` (zero for unselected
+        experts) and ``top_indices`` ``(B, k)`` (the selected experts). Returns ``(B, ..., d_out)`` in ``x.dtype``.
+
+        All tokens of a sample use that sample's route. A sample whose gates are all zero gets an exact zero.
+        """
+        batch = x.shape[0]
+        lead_shape = x.shape[:-1]
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, d_in)
+        k = top_indices.shape[-1]
+        if dispatch == "loop":
+            y = self._forward_loop(x3, gates)
+        elif dispatch == "dense" or k >= self.num_experts:
+            y = self._forward_dense(x3, gates)
+        elif dispatch == "gather":
+            y = self._forward_gather(x3, gates, top_indices)
+        else:
+            raise ValueError(f"Unknown dispatch {dispatch!r}; use one of {DISPATCH_MODES}.")
+        return y.reshape(*lead_shape, self.out_features)
+
+    def _forward_gather(self, x: torch.Tensor, gates: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # training: stack only the experts this batch uses (one host sync), so that unused experts get no
+            # gradient -- AdamW then leaves them alone, as the reference's per-expert loop does
+            used, top_indices = torch.unique(top_indices, return_inverse=True)
+            down_w, down_b, up_w, up_b = self.stacked(used.tolist())
+        else:
+            down_w, down_b, up_w, up_b = self.stacked()
+        batch, k = top_indices.shape
+        r, d_in, d_out = self.r, self.in_features, self.out_features
+        weights = gates.gather(1, top_indices).to(x.dtype)  # (B, k)
+        # (B, k, d_in, r) -> (B, d_in, k*r): the k selected down-projections side by side
+        d_sel = down_w[top_indices].permute(0, 2, 1, 3).reshape(batch, d_in, k * r)
+        a_sel = down_b[top_indices].reshape(batch, 1, k * r)
+        hidden = self.dropout(torch.relu(torch.baddbmm(a_sel, x, d_sel)))  # (B, T, k*r)
+        hidden = hidden * weights.repeat_interleave(r, dim=1).unsqueeze(1)
+        u_sel = up_w[top_indices].reshape(batch, k * r, d_out)  # (B, k*r, d_out)
+        bias = torch.bmm(weights.unsqueeze(1), up_b[top_indices])  # (B, 1, d_out)
+        return torch.baddbmm(bias, hidden, u_sel)
+
+    def _forward_dense(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        down_w, down_b, up_w, up_b = self.stacked()
+        num_e, r = self.num_experts, self.r
+        weights = gates.to(x.dtype)  # (B, E)
+        d_all = down_w.permute(1, 0, 2).reshape(self.in_features, num_e * r)
+        hidden = self.dropout(torch.relu(x @ d_all + down_b.reshape(num_e * r)))  # (B, T, E*r)
+        hidden = hidden * weights.repeat_interleave(r, dim=1).unsqueeze(1)
+        return hidden @ up_w.reshape(num_e * r, self.out_features) + (weights @ up_b).unsqueeze(1)
+
+    def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], x.shape[1], self.out_features)
+        weights = gates.to(x.dtype)
+        for e in range(self.num_experts):
+            rows = torch.nonzero(weights[:, e] != 0, as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            xe = x.index_select(0, rows)
+            h = self.dropout(torch.relu(xe @ self.down_weight[e] + self.down_bias[e]))
+            ye = (h @ self.up_weight[e] + self.up_bias[e]) * weights[rows, e].view(-1, 1, 1)
+            out = out.index_add(0, rows, ye)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, r={self.r}, out_features={self.out_features}"
