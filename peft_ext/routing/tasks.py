@@ -74,7 +74,7 @@ def pool_tokens(x: torch.Tensor, mode: str, attention_mask: Optional[torch.Tenso
     """Reduce token features ``(batch, seq, dim)`` to one vector per sample ``(batch, dim)``.
 
     ``x`` of shape ``(batch, dim)`` is returned as is. ``attention_mask`` ``(batch, seq)`` (1 = real token) makes
-    'mean' ignore padding and 'last' pick the last real token (right padding) -- it is used only when its shape
+    'mean' ignore padding and 'last' pick the last real token (right or left padding) -- it is used only when its shape
     matches ``x``'s first two dimensions (e.g. not inside a Q-Former's query stream).
     """
     if x.dim() == 2:
@@ -92,8 +92,10 @@ def pool_tokens(x: torch.Tensor, mode: str, attention_mask: Optional[torch.Tenso
     if mode == "last":
         if mask is None:
             return x[:, -1]
-        lengths = mask.long().sum(dim=1).clamp_min(1) - 1
-        return x[torch.arange(x.shape[0], device=x.device), lengths]
+        # position of the last real token, for right and left padding alike
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.long() * positions).argmax(dim=1)
+        return x[torch.arange(x.shape[0], device=x.device), last]
     raise ValueError(f"Unknown routing token mode {mode!r}.")
 
 

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from peft_ext.routing.tasks import RoutingState, check_task_name, pool_tokens
+
+
+def test_pool_tokens_modes_hand_checked():
+    x = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)  # (batch 2, seq 3, dim 2)
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])  # sample 0: right padded
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # sample 0: left padded
+    torch.testing.assert_close(pool_tokens(x, "first"), x[:, 0])
+    torch.testing.assert_close(pool_tokens(x, "mean", right), torch.stack([x[0, :2].mean(0), x[1].mean(0)]))
+    torch.testing.assert_close(pool_tokens(x, "last", right), torch.stack([x[0, 1], x[1, 2]]))
+    torch.testing.assert_close(pool_tokens(x, "last", left), torch.stack([x[0, 2], x[1, 2]]))
+    torch.testing.assert_close(pool_tokens(x, "last"), x[:, -1])
+    # a mask of another shape (e.g. a Q-Former's query stream) is ignored
+    torch.testing.assert_close(pool_tokens(x, "mean", torch.ones(2, 7)), x.mean(1))
+    with pytest.raises(ValueError, match="routing token"):
+        pool_tokens(x, "cls")
+
+
+def test_routing_state_resolves_once_per_forward():
+    state = RoutingState()
+    state.task_names["default"] = ["t0", "t1"]
+    state.active_task["default"] = "t1"
+    x = torch.zeros(3, 4, 8)
+    state.start_forward(None)
+    assert state.sample_tasks("default", x).tolist() == [1, 1, 1]
+    state.requested = ["t0", None, "none"]
+    assert state.sample_tasks("default", x).tolist() == [1, 1, 1]  # cached for this forward
+    state.start_forward(None)
+    assert state.sample_tasks("default", x).tolist() == [0, -1, -1]
+    state.start_forward(None)
+    state.requested = "t9"
+    with pytest.raises(ValueError, match="Unknown task 't9'"):
+        state.sample_tasks("default", x)
+    state.start_forward(None)
+    state.requested = ["t0"]
+    with pytest.raises(ValueError, match="1 entries but the batch has 3"):
+        state.sample_tasks("default", x)
+    state.start_forward(None)
+    state.requested = "auto"
+    with pytest.raises(ValueError, match="task selector"):
+        state.sample_tasks("default", x)
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "none", "auto", 3])
+def test_reserved_or_invalid_task_names(name):
+    with pytest.raises(ValueError, match="Invalid task name"):
+        check_task_name(name)
