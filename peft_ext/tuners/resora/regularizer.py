@@ -17,38 +17,50 @@ import torch.nn.functional as F
 def feature_decorrelation(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """A-side term: mean squared off-diagonal entry of the standardized cross-correlation of ``z``.
 
-    ``z`` ``(N, r)`` -> scalar. Each feature is centered and divided by its (population) standard deviation over
-    the ``N`` samples, ``C = z_hat^T z_hat / N`` ``(r, r)`` has a unit diagonal, and the loss is
-    ``sum_{i != j} C_ij^2 / (r (r - 1))``: 0 when all features (across and within subspaces) are uncorrelated,
+    ``z`` ``(N, r)`` -> scalar. With per-feature means ``mu`` and (population) variances ``v`` over the ``N``
+    samples, ``C_ij = cov_ij / sqrt((v_i + eps) (v_j + eps))`` ``(r, r)`` (unit diagonal up to ``eps``), and the loss
+    is ``sum_{i != j} C_ij^2 / (r (r - 1))``: 0 when all features (across and within subspaces) are uncorrelated,
     1 when they are all perfectly (anti-)correlated (Barlow Twins' redundancy-reduction term, normalized).
+
+    Computed from the ``(r, r)`` second moments, never materializing a standardized copy of ``z``: the only
+    ``O(N)`` work is one ``z^T z`` and one mean, which keeps the training overhead small.
     """
     z = z.float()
     n, r = z.shape
     if n < 2 or r < 2:
         return z.new_zeros(())
-    centered = z - z.mean(dim=0, keepdim=True)
-    z_hat = centered / (centered.pow(2).mean(dim=0, keepdim=True) + eps).sqrt()
-    corr = z_hat.T @ z_hat / n
-    off_diagonal = corr - torch.diag_embed(corr.diagonal())
-    return off_diagonal.pow(2).sum() / (r * (r - 1))
+    mean = z.mean(dim=0)
+    cov = z.T @ z / n - torch.outer(mean, mean)
+    inv_std = (cov.diagonal() + eps).rsqrt()
+    corr = cov * torch.outer(inv_std, inv_std)
+    off_diagonal_sq = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+    return off_diagonal_sq / (r * (r - 1))
+
+
+class _SubspaceInnerProducts:
+    """``<o_g, o_h>`` per sample, computed as ``z_g^T (B_g^T B_h) z_h`` from the ``(r, r)`` matrix ``B^T B``.
+
+    ``O(N r^2 + out r^2)`` instead of materializing the ``(N, G, out)`` subspace outputs (``out`` >> ``r``).
+    """
+
+    def __init__(self, z: torch.Tensor, B: torch.Tensor, num_subspaces: int) -> None:
+        z = z.float()
+        btb = B.float().T @ B.float()  # (r, r)
+        self.k = k = z.shape[1] // num_subspaces
+        self.z_groups = z.split(k, dim=1)
+        # projected[g] = z_g @ (B_g^T B): (N, r); <o_g, o_h> sums it against z_h over subspace h's columns
+        self.projected = [zg @ btb[g * k : (g + 1) * k] for g, zg in enumerate(self.z_groups)]
+
+    def __call__(self, g: int, h: int) -> torch.Tensor:
+        k = self.k
+        return (self.projected[g][:, h * k : (h + 1) * k] * self.z_groups[h]).sum(-1)
 
 
 def subspace_output_gram(z: torch.Tensor, B: torch.Tensor, num_subspaces: int) -> torch.Tensor:
-    """Inner products ``<o_g, o_h>`` of the subspace outputs per sample: ``(N, G, G)``.
-
-    Computed as ``z_g^T (B_g^T B_h) z_h`` from the ``(r, r)`` matrix ``B^T B``: ``O(N r^2 + out r^2)`` instead of
-    materializing the ``(N, G, out)`` outputs, which matters because ``out`` >> ``r``.
-    """
-    z = z.float()
-    B = B.float()
-    n, r = z.shape
-    k = r // num_subspaces
-    btb = (B.T @ B).view(r, num_subspaces, k)  # [i, h, j] = (B^T B)[i, h*k + j]
-    z_groups = z.view(n, num_subspaces, k)
-    # q[n, i, h] = sum_{j in subspace h} (B^T B)[i, j] z[n, j]
-    q = torch.einsum("ihj,nhj->nih", btb, z_groups)
-    # gram[n, g, h] = sum_{i in subspace g} z[n, i] q[n, i, h]
-    return torch.einsum("ngi,ngih->ngh", z_groups, q.view(n, num_subspaces, k, num_subspaces))
+    """Inner products ``<o_g, o_h>`` of the subspace outputs per sample: ``(N, G, G)``."""
+    inner = _SubspaceInnerProducts(z, B, num_subspaces)
+    g_range = range(num_subspaces)
+    return torch.stack([torch.stack([inner(g, h) for h in g_range], -1) for g in g_range], dim=1)
 
 
 def output_cosine_redundancy(z: torch.Tensor, B: torch.Tensor, num_subspaces: int, eps: float = 1e-8) -> torch.Tensor:
@@ -59,13 +71,16 @@ def output_cosine_redundancy(z: torch.Tensor, B: torch.Tensor, num_subspaces: in
     """
     if num_subspaces < 2 or z.shape[0] == 0:
         return z.new_zeros((), dtype=torch.float32)
-    gram = subspace_output_gram(z, B, num_subspaces)
-    sq_norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0)  # (N, G)
-    rows, cols = torch.triu_indices(num_subspaces, num_subspaces, offset=1, device=z.device)
+    inner = _SubspaceInnerProducts(z, B, num_subspaces)  # only the pairs g < h and the norms are needed
+    sq_norms = [inner(g, g).clamp_min(0) for g in range(num_subspaces)]
     # cos^2 = <o_g, o_h>^2 / (|o_g|^2 |o_h|^2), without a square root: sqrt has an infinite gradient at 0, and
     # every output is 0 at init (B = 0).
-    denominators = (sq_norms[:, rows] * sq_norms[:, cols]).clamp_min(eps * eps)
-    return (gram[:, rows, cols].pow(2) / denominators).mean()
+    terms = [
+        inner(g, h).pow(2) / (sq_norms[g] * sq_norms[h]).clamp_min(eps * eps)
+        for g in range(num_subspaces)
+        for h in range(g + 1, num_subspaces)
+    ]
+    return torch.stack(terms).mean()
 
 
 def _between_subspace_mask(r: int, num_subspaces: int, device) -> torch.Tensor:
