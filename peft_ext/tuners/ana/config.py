@@ -89,6 +89,9 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             it). Empty: one task named after the adapter.
         routing_token (`str`):
             Which token's features represent a sample for the task selector (``"first"``, ``"mean"``, ``"last"``).
+            AnA's gates are per token and do not use it. When the first adapted layer is layer 0's attention, its
+            input is the embedding output, where the first (CLS) token is the same vector for every input: use
+            ``"mean"`` there (the BERT/ViT/CLIP-vision presets do).
         ended_tasks (`list[str]`):
             Tasks finished with ``end_task`` (bookkeeping, saved so that a reloaded adapter keeps them frozen).
             Every task but the last one is always frozen.
