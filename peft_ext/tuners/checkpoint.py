@@ -39,3 +39,28 @@ def check_state_dict_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor
             f"built from its config expects {tuple(expected.shape)}: the checkpoint and adapter_config.json do not "
             "match (edited config, or weights of another model?)."
         )
+
+
+class CheckedCheckpointMixin:
+    """Mixin for a ``BaseTuner``: loading a checkpoint that does not fit the config fails with one line
+    (:func:`check_state_dict_shapes`) instead of PyTorch's size-mismatch dump or PEFT's silent skip."""
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_state_dict_shapes(model, remapped, config)
+        return remapped
+
+
+def remove_nested_adapter_name(key: str, adapter_name: str, containers: tuple[str, ...]) -> str | None:
+    """Drop the adapter name that follows one of ``containers`` anywhere in ``key`` (None if none matches).
+
+    ``...query.ana_tasks.<adapter>.2.down.weight`` -> ``...query.ana_tasks.2.down.weight``. PEFT's default only
+    looks at the last key components; methods that nest per-task state below the adapter need this.
+    """
+    for container in containers:
+        marker = f".{container}.{adapter_name}."
+        if marker in key:
+            head, _, tail = key.rpartition(marker)
+            return f"{head}.{container}.{tail}"
+    return None

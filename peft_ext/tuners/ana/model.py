@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 
 from ...routing.selector import TaskSelectorMixin
 from ...routing.tasks import ContinualTunerMixin, check_task_name
-from ..checkpoint import check_state_dict_shapes
+from ..checkpoint import CheckedCheckpointMixin, remove_nested_adapter_name
+from ..targets import linear_fan_in_fan_out
 from .config import AnAConfig
 from .layer import AnALayer, AnALinear, ana_task_parameter_count
 
@@ -32,7 +31,7 @@ TRANSFORMERS_MODELS_TO_ANA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 }
 
 
-class AnAModel(TaskSelectorMixin, ContinualTunerMixin, BaseTuner):
+class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, BaseTuner):
     """Creates an AnA model (PathWeave's Adapter-in-Adapter with an MoE gate); use it through ``get_peft_model``.
 
     One PEFT adapter is one continual learner; its tasks are named inside it (``config.task_names``, see
@@ -131,22 +130,7 @@ class AnAModel(TaskSelectorMixin, ContinualTunerMixin, BaseTuner):
 
     @staticmethod
     def _create_new_module(config: AnAConfig, adapter_name: str, target: nn.Module) -> AnALinear:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear):
-            fan_in_fan_out = False
-            if config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True but the target is torch.nn.Linear; using fan_in_fan_out=False.")
-                config.fan_in_fan_out = False
-        elif isinstance(base, Conv1D):
-            fan_in_fan_out = True
-            if not config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=False but the target is Conv1D; using fan_in_fan_out=True.")
-                config.fan_in_fan_out = True
-        else:
-            raise TypeError(
-                f"Target module {target.__class__.__name__} is not supported by AnA: only torch.nn.Linear and "
-                "transformers' Conv1D can be targeted."
-            )
+        fan_in_fan_out = linear_fan_in_fan_out(config, target, "AnA")
         return AnALinear(target, adapter_name, config=config, fan_in_fan_out=fan_in_fan_out)
 
     # -- checkpoint keys ------------------------------------------------------------------------------------------
@@ -157,17 +141,8 @@ class AnAModel(TaskSelectorMixin, ContinualTunerMixin, BaseTuner):
         ``...query.ana_tasks.<adapter>.2.in_adapters.0.weight`` -> ``...query.ana_tasks.2.in_adapters.0.weight``
         (PEFT's default only looks at the last two components; AnA nests tasks below the adapter).
         """
-        marker = f".ana_tasks.{adapter_name}."
-        if marker in key:
-            head, _, tail = key.rpartition(marker)
-            return f"{head}.ana_tasks.{tail}"
-        return super()._remove_adapter_name_from_key(key, adapter_name)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_state_dict_shapes(model, remapped, config)
-        return remapped
+        stripped = remove_nested_adapter_name(key, adapter_name, ("ana_tasks",))
+        return stripped if stripped is not None else super()._remove_adapter_name_from_key(key, adapter_name)
 
     # -- merging --------------------------------------------------------------------------------------------------
     def _check_merge_allowed(self):

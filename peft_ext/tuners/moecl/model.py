@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ...routing.selector import TaskSelectorMixin
 from ...routing.tasks import ContinualTunerMixin, check_task_name
-from ..checkpoint import AdapterCheckpointError, check_state_dict_shapes
+from ..checkpoint import AdapterCheckpointError, CheckedCheckpointMixin, remove_nested_adapter_name
 from ..regularization import RegularizedTunerMixin
 from .config import MoECLConfig
 from .layer import MERGE_ERROR, MoECLLayer
@@ -49,7 +49,7 @@ MOECL_TARGET_MODULES: dict[str, object] = {
 _DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2"}
 
 
-class MoECLModel(TaskSelectorMixin, ContinualTunerMixin, RegularizedTunerMixin, BaseTuner):
+class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, RegularizedTunerMixin, BaseTuner):
     """MoE-CL ("Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts Adapters", CVPR 2024).
 
     Design: one PEFT adapter is a whole continual learner. It holds, per adapted module, one shared
@@ -235,16 +235,11 @@ class MoECLModel(TaskSelectorMixin, ContinualTunerMixin, RegularizedTunerMixin, 
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """Drop the adapter name after the per-adapter containers, wherever it sits in the key:
         ``...output.moecl_experts.<adapter>.down_weight.3`` -> ``...output.moecl_experts.down_weight.3``."""
-        for attr in ("moecl_experts", "moecl_router"):
-            marker = f".{attr}.{adapter_name}."
-            if marker in key:
-                head, _, tail = key.rpartition(marker)
-                return f"{head}.{attr}.{tail}"
-        return super()._remove_adapter_name_from_key(key, adapter_name)
+        stripped = remove_nested_adapter_name(key, adapter_name, ("moecl_experts", "moecl_router"))
+        return stripped if stripped is not None else super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         # count on the checkpoint's own keys: experts the model lacks are not remapped
         pattern = re.compile(rf"^(.*)\.moecl_experts\.(?:{re.escape(adapter_name)}\.)?down_weight\.(\d+)$")
         experts: dict[str, set[int]] = {}
@@ -258,5 +253,4 @@ class MoECLModel(TaskSelectorMixin, ContinualTunerMixin, RegularizedTunerMixin, 
                     f"Checkpoint has {len(indices)} experts per module (e.g. {module}) but the config sets "
                     f"num_experts={config.num_experts}; use the adapter_config.json saved with the checkpoint."
                 )
-        check_state_dict_shapes(model, remapped, config)
-        return remapped
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

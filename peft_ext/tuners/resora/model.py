@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from ..checkpoint import check_state_dict_shapes
+from ..checkpoint import CheckedCheckpointMixin
 from ..regularization import RegularizedTunerMixin
+from ..targets import linear_fan_in_fan_out
 from .config import ReSoRAConfig
 from .layer import ReSoRALayer, ReSoRALinear
 
 
-class ReSoRAModel(RegularizedTunerMixin, BaseTuner):
+class ReSoRAModel(CheckedCheckpointMixin, RegularizedTunerMixin, BaseTuner):
     """Creates a ReSoRA model from a pretrained transformers model (use it through ``peft.get_peft_model``).
 
     Args:
@@ -62,29 +61,8 @@ class ReSoRAModel(RegularizedTunerMixin, BaseTuner):
 
     @staticmethod
     def _create_new_module(config: ReSoRAConfig, adapter_name: str, target: nn.Module) -> ReSoRALinear:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear):
-            fan_in_fan_out = False
-            if config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True but the target is torch.nn.Linear; using fan_in_fan_out=False.")
-                config.fan_in_fan_out = False
-        elif isinstance(base, Conv1D):
-            fan_in_fan_out = True
-            if not config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=False but the target is Conv1D; using fan_in_fan_out=True.")
-                config.fan_in_fan_out = True
-        else:
-            raise TypeError(
-                f"Target module {target.__class__.__name__} is not supported by ReSoRA: only torch.nn.Linear and "
-                "transformers' Conv1D can be targeted."
-            )
+        fan_in_fan_out = linear_fan_in_fan_out(config, target, "ReSoRA")
         return ReSoRALinear(target, adapter_name, config=config, fan_in_fan_out=fan_in_fan_out)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_state_dict_shapes(model, remapped, config)
-        return remapped
 
     def redundancy(self) -> Optional[torch.Tensor]:
         """Unweighted de-redundancy loss of the last *training* forward (None if nothing was recorded)."""
