@@ -43,6 +43,10 @@ class ContinualConfigMixin:
             "adapter_config.json so that loading rebuilds every task. Empty: one task named after the adapter."
         },
     )
+    ended_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Tasks finished by end_task (bookkeeping filled by the tuner, saved with the adapter)."},
+    )
     routing_token: str = field(
         default="first",
         metadata={

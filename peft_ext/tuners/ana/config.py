@@ -141,10 +141,6 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Layer list name used with layers_to_transform."}
     )
-    ended_tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Tasks frozen by end_task (bookkeeping filled by the tuner, saved with the adapter)."},
-    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -120,10 +120,6 @@ class MoECLConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero up-projections (identity at start). False: random (tests)."}
     )
-    ended_tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Tasks finished by end_task (bookkeeping filled by the tuner, saved with the adapter)."},
-    )
 
     def __post_init__(self):
         super().__post_init__()
