@@ -320,6 +320,30 @@ def test_add_task_ends_previous_task_automatically():
     assert int(layer_of(model).moecl_experts["task0"].frozen_mask.sum()) == 2
 
 
+@pytest.mark.parametrize("recount", [False, True])
+def test_end_task_recount_freezes_the_experts_eval_routes_use(recount):
+    # training counts favour experts 0 and 1 (as early, noisy routes may); the trained router sends every sample
+    # to experts 2 and 3. The paper freezes by training counts; with batches, by the eval-mode routes.
+    model = tiny_peft(num_experts=4, top_k=2, freeze_top_k=2, balance_loss_weight=1.0)
+    layer = layer_of(model)
+    with torch.no_grad():
+        gate = layer.moecl_router["task0"].w_gate[0]
+        gate[:, :2] = -1.0
+        gate[:, 2:] = 1.0
+    layer.moecl_router["task0"].counts[0] = torch.tensor([10, 9, 0, 0])
+    x = torch.rand(6, 3, 8) + 0.1  # positive inputs: logits favour experts 2 and 3 for every sample
+    model.train()
+    frozen = model.end_task(batches=[{"x": x[:4]}, {"x": x[4:]}] if recount else None)
+    assert frozen == {"lin0": [2, 3] if recount else [0, 1]}
+    counts = layer.moecl_router["task0"].counts[0].tolist()
+    assert counts == ([0, 0, 6, 6] if recount else [10, 9, 0, 0])
+    assert model.training and layer.training  # modes restored
+    assert not model.base_model.routing.count_routes
+    with torch.no_grad():
+        model(x=x)  # training-mode forward after the task ended: nothing counted any more
+    assert layer.moecl_router["task0"].counts[0].tolist() == counts
+
+
 @pytest.mark.parametrize("isolate", [True, False])
 def test_isolated_finished_task_never_changes(isolate):
     # 2 experts, both used by every sample (top_k=2), 1 frozen after task0: task1 keeps training the other one

@@ -51,7 +51,7 @@ from transformers.utils import logging
 from .heads import TaskHeadClassifier
 from .metrics import compute_continual_metrics
 from .regularized import RegularizedTrainer
-from .strategies import ContinualStrategy, available_methods, get_strategy
+from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy
 from .task_stream import Task, check_stream
 
 logger = logging.get_logger(__name__)
@@ -71,7 +71,7 @@ class ContinualTrainingArguments(TrainingArguments):
 
     Every ``TrainingArguments`` option keeps its meaning; the short options of ``shared/API.md`` (``--epochs``,
     ``--batch-size``, ``--lr``) override their long ``TrainingArguments`` counterparts when given. Defaults differ
-    from ``TrainingArguments`` where adapters need it (a larger learning rate, no mid-task checkpoints, frequent
+    from ``TrainingArguments`` where adapters need it (a per-method learning rate, no mid-task checkpoints, frequent
     logging).
 
     Args:
@@ -112,7 +112,10 @@ class ContinualTrainingArguments(TrainingArguments):
     plots: bool = field(default=True, metadata={"help": "Write accuracy_heatmap.png and accuracy_curves.png."})
     # TrainingArguments fields with defaults suited to adapters on small task streams.
     output_dir: Optional[str] = field(default="outputs/continual", metadata={"help": "Output folder of the run."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for the optimizer."})
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Initial learning rate (default: the method's own; 3e-3, MoE-CL 3e-2)."},
+    )
     num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs per task."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "The batch size per device for training."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "The batch size per device for evaluation."})
@@ -134,6 +137,8 @@ class ContinualTrainingArguments(TrainingArguments):
             self.learning_rate = self.lr
         if self.method not in available_methods():
             raise ValueError(f"Unknown method {self.method!r}; choose one of {available_methods()}.")
+        if self.learning_rate is None:
+            self.learning_rate = STRATEGIES[self.method].default_learning_rate
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():

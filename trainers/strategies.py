@@ -97,10 +97,13 @@ class ContinualStrategy:
 
     Attributes:
         method (`str`): registry name. options (`dict`): option name -> default.
+        default_learning_rate (`float`): used by a continual run that sets no learning rate (see
+            ``benchmarks/bench_continual.py --lrs``, which measured these on the embedded sequence).
     """
 
     method: str = ""
     options: dict[str, Any] = {}
+    default_learning_rate: float = 3e-3
 
     def __init__(self, method_config: dict[str, Any]) -> None:
         self.settings = {k: method_config.pop(k, v) for k, v in self.options.items()}
@@ -316,8 +319,20 @@ class AnAStrategy(_RoutedStrategy):
 
 @register_strategy("moecl")
 class MoECLStrategy(_RoutedStrategy):
+    # recount_routes: activate-freeze counts the experts the trained router picks on the task's inputs (eval mode)
+    # instead of the counts accumulated over training (the paper's); see MoECLModel.end_task
+    options = {**_RoutedStrategy.options, "recount_routes": True}
+    # the experts' output is scaled by 0.1 (the paper's scaling): Adam steps need to be ~10x larger than LoRA's
+    default_learning_rate = 3e-2
+
     def config_class(self):
         return _peft_ext_config("MoECLConfig", "moecl")
+
+    def end_task(self, model, task, batches):
+        if self.settings["recount_routes"]:
+            batches = list(batches)
+            model.end_task(task, batches=batches)
+        super().end_task(model, task, batches)
 
 
 __all__ = [

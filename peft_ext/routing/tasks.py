@@ -118,6 +118,7 @@ class RoutingState:
         self._resolved: dict[str, torch.Tensor] = {}  # adapter -> (batch,) task indices, for this forward
         self.capture: Optional[list[torch.Tensor]] = None  # when a list: collect the first layer's input
         self.routing_token: dict[str, str] = {}
+        self.count_routes = False  # True: layers count the selected experts in eval mode too (MoE-CL's recount)
         self._captured_this_forward = False
 
     def start_forward(self, attention_mask: Optional[torch.Tensor]) -> None:

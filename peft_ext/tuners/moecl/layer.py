@@ -282,19 +282,37 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         gate = self.route(name, x, tasks)
         if self.training:
             self._record_training_stats(name, config, gate.gates, tasks)
-        return pool(x, gate.gates, gate.top_indices, dispatch=config.dispatch) * config.scaling
+        elif self.routing.count_routes:
+            self._count_selected(name, config, gate.gates, tasks)
+        return pool(x, gate.gates, gate.top_indices, dispatch=config.dispatch, scale=config.scaling)
 
-    def _record_training_stats(self, name: str, config, gates: torch.Tensor, tasks: torch.Tensor) -> None:
-        ended = {config.task_names.index(t) for t in config.ended_tasks if t in config.task_names}
+    def _open_task_rows(self, config, tasks: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: samples routed to a task that is not ended (only those count and regularize)."""
         valid = tasks >= 0
+        ended = {config.task_names.index(t) for t in config.ended_tasks if t in config.task_names}
         if ended:
             valid = valid & ~torch.isin(tasks, torch.tensor(sorted(ended), device=tasks.device))
+        return valid
+
+    def _record_training_stats(self, name: str, config, gates: torch.Tensor, tasks: torch.Tensor) -> None:
+        valid = self._open_task_rows(config, tasks)
         if config.balance_loss_weight > 0 and bool(valid.any()):
             self.record_regularization(config.balance_loss_weight * load_balancing_loss(gates[valid]))
-        with torch.no_grad():
-            counts = self.moecl_router[name].counts
-            selected = (gates.detach() > 0).long() * valid.unsqueeze(1).long()
-            counts.index_add_(0, tasks.clamp_min(0), selected)
+        self._count_selected(name, config, gates, tasks, valid)
+
+    @torch.no_grad()
+    def _count_selected(
+        self, name: str, config, gates: torch.Tensor, tasks: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> None:
+        """Add each open-task sample's selected experts to its task's activation counts."""
+        if valid is None:
+            valid = self._open_task_rows(config, tasks)
+        counts = self.moecl_router[name].counts
+        selected = (gates.detach() > 0).long() * valid.unsqueeze(1).long()
+        counts.index_add_(0, tasks.clamp_min(0), selected)
+
+    def reset_counts(self, adapter_name: str, task_index: int) -> None:
+        self.moecl_router[adapter_name].counts[task_index].zero_()
 
     def regularization_enabled(self) -> bool:
         return any(

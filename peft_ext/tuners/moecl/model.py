@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -164,13 +164,23 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
             layer.set_adapter(layer.active_adapters)  # enables the active adapters, then applies the schedule
 
     def end_task(
-        self, task_name: Optional[str] = None, adapter_name: Optional[str] = None, freeze_top_k: Optional[int] = None
+        self,
+        task_name: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        freeze_top_k: Optional[int] = None,
+        batches: Optional[Iterable[Mapping[str, Any]]] = None,
     ) -> dict[str, list[int]]:
         """Finish ``task_name`` (default: the last task): activate-freeze and freeze its router.
 
         In every adapted module the ``freeze_top_k`` (default: the config's) experts most often selected by the
-        task's training forwards are frozen for good. Returns ``{module name: newly frozen expert indices}``.
-        Ending a task twice is a no-op.
+        task are frozen for good. Returns ``{module name: newly frozen expert indices}``. Ending a task twice is a
+        no-op.
+
+        The counts are those of the task's training forwards (the paper), unless ``batches`` (dicts of model
+        inputs, e.g. the task's training data) are given: then they are taken afresh from those inputs with the
+        trained router in eval mode -- the routes the task keeps using from now on, without the noisy, still
+        untrained routes of early training. With ``isolate_finished_tasks`` this freezes the experts the task
+        really uses, so restricting its router to them changes its outputs as little as possible.
         """
         name = self._continual_adapter(adapter_name)
         config = self.peft_config[name]
@@ -179,6 +189,8 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
         if task_name in config.ended_tasks:
             return {}
         k = config.freeze_top_k if freeze_top_k is None else freeze_top_k
+        if batches is not None and k > 0:
+            self._recount_routes(name, task_name, index, batches)
         frozen: dict[str, list[int]] = {}
         seen_any = False
         for key, module in self.model.named_modules():
@@ -193,6 +205,26 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
         for layer in self._layers(name):
             layer._freeze_non_trainable_peft_weights(name)
         return frozen
+
+    @torch.no_grad()
+    def _recount_routes(self, name: str, task_name: str, index: int, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Replace task ``index``'s activation counts by its eval-mode routes on ``batches``."""
+        layers = self._layers(name)
+        modes = [(m, m.training) for m in self.model.modules()]
+        for layer in layers:
+            layer.reset_counts(name, index)
+        self.routing.count_routes = True
+        try:
+            self.model.eval()
+            with self.route(task_name):
+                for batch in batches:
+                    if not isinstance(batch, Mapping):
+                        raise ValueError(f"end_task batches must be dicts of model inputs, got {type(batch).__name__}.")
+                    self.model(**batch)
+        finally:
+            self.routing.count_routes = False
+            for m, mode in modes:
+                m.training = mode
 
     def frozen_experts(self, adapter_name: Optional[str] = None) -> dict[str, list[int]]:
         """``{module name: indices of frozen experts}`` of ``adapter_name``."""
