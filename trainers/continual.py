@@ -82,7 +82,8 @@ class ContinualTrainingArguments(TrainingArguments):
         method_config (`str`, *optional*): JSON file or preset name with the method's config options (and its
             strategy options, e.g. ``adapter_per_task``).
         epochs (`float`, *optional*): epochs per task. batch_size (`int`, *optional*): per-device train and eval
-            batch size. lr (`float`, *optional*): learning rate.
+            batch size. lr (`float`, *optional*): learning rate (default: the method strategy's
+            ``default_learning_rate``).
         max_length (`int`): tokens kept per text.
         pooling (`str`): sentence pooling for the heads, ``mean`` or ``cls``.
         task_agnostic (`bool`): also evaluate with the task inferred from the input, where the method can.
