@@ -65,10 +65,14 @@ def parameter_table(num_tasks: int = 6, r: int = 8) -> None:
     for t, n in enumerate(rows):
         print(f"{t:>5} {n:>14,} {'yes':>10} {lora_per_task:>10,} {full:>13,}")
     total = sum(rows)
-    print(f"total over {num_tasks} tasks: AnA {total:,} | one LoRA per task {num_tasks * lora_per_task:,} | "
-          f"full FT per task {num_tasks * full:,}")
-    print(f"AnA vs full FT: {100 * (1 - total / (num_tasks * full)):.2f}% fewer trainable parameters "
-          f"(paper: 98.73% fewer than its baseline); vs one LoRA per task: {total / (num_tasks * lora_per_task):.2f}x")
+    print(
+        f"total over {num_tasks} tasks: AnA {total:,} | one LoRA per task {num_tasks * lora_per_task:,} | "
+        f"full FT per task {num_tasks * full:,}"
+    )
+    print(
+        f"AnA vs full FT: {100 * (1 - total / (num_tasks * full)):.2f}% fewer trainable parameters "
+        f"(paper: 98.73% fewer than its baseline); vs one LoRA per task: {total / (num_tasks * lora_per_task):.2f}x"
+    )
 
 
 def _interleaved_min_times(fns, repeats: int) -> list[float]:
@@ -110,11 +114,15 @@ def forward_ratio(task_counts=(1, 3, 6), r: int = 8, batch: int = 16, seq: int =
     with torch.no_grad():
         times = _interleaved_min_times(fns, repeats)
     t_base, t_lora = times[0], times[1]
-    print(f"forward (batch {batch} x {seq} tokens, {torch.get_num_threads()} thread(s), best of {repeats}): "
-          f"base {1e3 * t_base:.1f} ms, LoRA r={r} {1e3 * t_lora:.1f} ms")
+    print(
+        f"forward (batch {batch} x {seq} tokens, {torch.get_num_threads()} thread(s), best of {repeats}): "
+        f"base {1e3 * t_base:.1f} ms, LoRA r={r} {1e3 * t_lora:.1f} ms"
+    )
     for count, t_ana in zip(models, times[2:]):
-        print(f"AnA routed to task {count - 1} ({count} experts/layer): {1e3 * t_ana:.1f} ms, "
-              f"AnA/LoRA = {t_ana / t_lora:.3f}, AnA/base = {t_ana / t_base:.3f}")
+        print(
+            f"AnA routed to task {count - 1} ({count} experts/layer): {1e3 * t_ana:.1f} ms, "
+            f"AnA/LoRA = {t_ana / t_lora:.3f}, AnA/base = {t_ana / t_base:.3f}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -184,8 +192,10 @@ def init_study(seeds=(0, 1, 2, 3, 4), train_per_task: int = 40, steps: int = 150
                 model.end_task()
             per_seed.append(accs)
         results[init] = per_seed
-    print(f"in-adapter init study: 4 digit domains, {train_per_task} training samples per task, {steps} AdamW steps, "
-          f"seeds {list(seeds)} (accuracy of each task right after training it, mean over seeds)")
+    print(
+        f"in-adapter init study: 4 digit domains, {train_per_task} training samples per task, {steps} AdamW steps, "
+        f"seeds {list(seeds)} (accuracy of each task right after training it, mean over seeds)"
+    )
     print(f"{'init':>9} " + " ".join(f"{n:>13}" for n in names) + f" {'mean t>=1':>10}")
     for init, per_seed in results.items():
         means = [statistics.mean(s[t] for s in per_seed) for t in range(len(names))]

@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import peft_ext  # noqa: F401
 from peft_ext.trainers import (
     ContinualSchedule,
     ContinualTrainingArguments,
@@ -43,10 +47,7 @@ from peft_ext.trainers import (
     format_summary,
 )
 from peft_ext.trainers.strategies import default_method_config
-from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
 
-import peft_ext  # noqa: F401
 
 VARIANTS = {
     "lora": ("lora", {}),
@@ -117,7 +118,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--lr", type=float, default=None, help="Learning rate of every variant (default: the method's).")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="Learning rate of every variant (default: the method's)."
+    )
     parser.add_argument(
         "--lr-for",
         action="append",

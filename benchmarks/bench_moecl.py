@@ -135,11 +135,19 @@ def dispatch_table(base, quick: bool) -> None:
     }
     print("\n== Dispatch: MoE-CL 22 experts, r=64, top-2 on all-MiniLM-L6-v2, 64 tokens/sample (times in ms) ==")
     names = list(variants)
-    print(f"{'batch':>5} | {'forward':<7} " + " ".join(f"{n:>12}" for n in names) + " | "
-          + " ".join(f"{n + '/LoRA':>17}" for n in names[:-1]))
-    print(f"{'':>5} | {'train':<7} " + " ".join(f"{n:>12}" for n in names) + " | "
-          + f"{'gather/dense':>17} {'gather/dense/exp':>17} {'loop/dense':>17} {'loop/dense/exp':>17} "
-          + f"{'gather/LoRA':>17}")
+    print(
+        f"{'batch':>5} | {'forward':<7} "
+        + " ".join(f"{n:>12}" for n in names)
+        + " | "
+        + " ".join(f"{n + '/LoRA':>17}" for n in names[:-1])
+    )
+    print(
+        f"{'':>5} | {'train':<7} "
+        + " ".join(f"{n:>12}" for n in names)
+        + " | "
+        + f"{'gather/dense':>17} {'gather/dense/exp':>17} {'loop/dense':>17} {'loop/dense/exp':>17} "
+        + f"{'gather/LoRA':>17}"
+    )
     for batch in BATCHES:
         inputs = _inputs(batch, vocab)
         reps = (3 if quick else 6) if batch < 64 else (2 if quick else 3)
@@ -150,14 +158,19 @@ def dispatch_table(base, quick: bool) -> None:
             m.train()
         trn = _best_of({k: _train_fn(m, inputs) for k, m in variants.items()}, max(1, reps - 1))
         ms = lambda t: " ".join(f"{1000 * t[n]:>12.1f}" for n in names)  # noqa: E731
-        print(f"{batch:>5} | {'forward':<7} {ms(fwd)} | "
-              + " ".join(f"{fwd[n] / fwd['LoRA']:>17.2f}" for n in names[:-1]))
-        print(f"{'':>5} | {'train':<7} {ms(trn)} | "
-              + " ".join(f"{trn[a] / trn[b]:>17.2f}" for a in ("gather", "loop") for b in ("dense", "dense/expert"))
-              + f" {trn['gather'] / trn['LoRA']:>17.2f}")
-    print("goals: forward gather/LoRA <= 1.0; train step gather/dense <= 0.4.\n"
-          "A train step is in practice no cheaper than the same model with a LoRA of equal adapter FLOPs (gather/LoRA,\n"
-          "last column), so gather/dense is bounded below by LoRA/dense: 0.4 needs a dense pool at >= 2.5x LoRA.")
+        print(
+            f"{batch:>5} | {'forward':<7} {ms(fwd)} | " + " ".join(f"{fwd[n] / fwd['LoRA']:>17.2f}" for n in names[:-1])
+        )
+        print(
+            f"{'':>5} | {'train':<7} {ms(trn)} | "
+            + " ".join(f"{trn[a] / trn[b]:>17.2f}" for a in ("gather", "loop") for b in ("dense", "dense/expert"))
+            + f" {trn['gather'] / trn['LoRA']:>17.2f}"
+        )
+    print(
+        "goals: forward gather/LoRA <= 1.0; train step gather/dense <= 0.4.\n"
+        "A train step is in practice no cheaper than the same model with a LoRA of equal adapter FLOPs (gather/LoRA,\n"
+        "last column), so gather/dense is bounded below by LoRA/dense: 0.4 needs a dense pool at >= 2.5x LoRA."
+    )
 
 
 def ddas_overhead(base, quick: bool, num_tasks: int = 10, batch: int = 32) -> None:
@@ -183,15 +196,20 @@ def ddas_overhead(base, quick: bool, num_tasks: int = 10, batch: int = 32) -> No
                 selector.select(pooled, cfg.selector_compare)
 
     best = _best_of(
-        {"task": _forward_fn(model, inputs, task_ids="default"), "auto": _forward_fn(model, inputs, task_ids="auto"),
-         "select x10": select},
+        {
+            "task": _forward_fn(model, inputs, task_ids="default"),
+            "auto": _forward_fn(model, inputs, task_ids="auto"),
+            "select x10": select,
+        },
         reps,
     )
     own = best["select x10"] / 10
     print(f"\n== DDAS overhead: {num_tasks} tasks, batch {batch} x {SEQ} tokens ==")
     print(f"forward with task id {1000 * best['task']:.1f} ms; with task_ids='auto' {1000 * best['auto']:.1f} ms")
-    print(f"selector compute {1000 * own:.3f} ms = {100 * own / best['task']:.2f}% of the forward (goal <= 5%); "
-          f"end to end {100 * (best['auto'] / best['task'] - 1):+.2f}% (timing noise included)")
+    print(
+        f"selector compute {1000 * own:.3f} ms = {100 * own / best['task']:.2f}% of the forward (goal <= 5%); "
+        f"end to end {100 * (best['auto'] / best['task'] - 1):+.2f}% (timing noise included)"
+    )
 
 
 def parameter_table(base, num_tasks: int = 10) -> None:
@@ -202,8 +220,10 @@ def parameter_table(base, num_tasks: int = 10) -> None:
     model = get_peft_model(copy.deepcopy(base), MoECLConfig(num_experts=22, r=64, top_k=2, freeze_top_k=2))
     full = sum(p.numel() for p in base.parameters())
     x = _inputs(4, base.config.vocab_size, seed=2)
-    print(f"\n== Trainable parameters on all-MiniLM-L6-v2 (full model {full / 1e6:.2f}M), 22 experts r=64, "
-          f"2 frozen per task, {num_tasks} tasks ==")
+    print(
+        f"\n== Trainable parameters on all-MiniLM-L6-v2 (full model {full / 1e6:.2f}M), 22 experts r=64, "
+        f"2 frozen per task, {num_tasks} tasks =="
+    )
     print(f"{'task':>4} {'trainable':>10} {'frozen experts':>14} {'adapter total':>13}")
     summed = 0
     for t in range(num_tasks):
@@ -217,8 +237,10 @@ def parameter_table(base, num_tasks: int = 10) -> None:
             model(**x)  # count activations so that end_task freezes this task's most used experts
         model.end_task()
     rep = model.parameter_report()
-    print(f"adapter parameters after {num_tasks} tasks: {rep['total'] / 1e6:.2f}M = {rep['total'] / full:.1%} of the "
-          f"model (full fine-tuning trains {full / 1e6:.2f}M); sum of per-task trainable counts {summed / 1e6:.2f}M")
+    print(
+        f"adapter parameters after {num_tasks} tasks: {rep['total'] / 1e6:.2f}M = {rep['total'] / full:.1%} of the "
+        f"model (full fine-tuning trains {full / 1e6:.2f}M); sum of per-task trainable counts {summed / 1e6:.2f}M"
+    )
 
 
 def paper_scale_count(num_tasks: int = 11) -> None:
@@ -230,8 +252,14 @@ def paper_scale_count(num_tasks: int = 11) -> None:
 
     cfg = CLIPConfig(
         text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           patch_size=16, image_size=224),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            patch_size=16,
+            image_size=224,
+        ),
         projection_dim=512,
     )
     with torch.device("meta"):
@@ -241,11 +269,17 @@ def paper_scale_count(num_tasks: int = 11) -> None:
     model = get_peft_model(clip, MoECLConfig(num_experts=22, r=64, task_names=[f"t{i}" for i in range(num_tasks)]))
     rep = model.parameter_report()
     claim_moe, claim_base = 59.8e6, 149.6e6
-    print(f"\n== Paper scale: CLIP ViT-B/16 ({full / 1e6:.1f}M), 22 experts r=64 in all 24 blocks, {num_tasks} tasks ==")
-    print(f"ours: experts {rep['experts'] / 1e6:.2f}M + routers {rep['routers'] / 1e6:.2f}M = {rep['total'] / 1e6:.2f}M "
-          f"-> {1 - rep['total'] / claim_base:.0%} fewer than full fine-tuning ({claim_base / 1e6:.1f}M)")
-    print(f"paper: {claim_moe / 1e6:.1f}M vs {claim_base / 1e6:.1f}M -> {1 - claim_moe / claim_base:.0%} fewer "
-          "(the reference allocates routers for 11 tasks in every block from the start)")
+    print(
+        f"\n== Paper scale: CLIP ViT-B/16 ({full / 1e6:.1f}M), 22 experts r=64 in all 24 blocks, {num_tasks} tasks =="
+    )
+    print(
+        f"ours: experts {rep['experts'] / 1e6:.2f}M + routers {rep['routers'] / 1e6:.2f}M = {rep['total'] / 1e6:.2f}M "
+        f"-> {1 - rep['total'] / claim_base:.0%} fewer than full fine-tuning ({claim_base / 1e6:.1f}M)"
+    )
+    print(
+        f"paper: {claim_moe / 1e6:.1f}M vs {claim_base / 1e6:.1f}M -> {1 - claim_moe / claim_base:.0%} fewer "
+        "(the reference allocates routers for 11 tasks in every block from the start)"
+    )
 
 
 def main() -> None:

@@ -41,7 +41,9 @@ def model_path() -> str:
 def load_task(split: str, tokenizer, labels=None, max_length=64):
     rows = [json.loads(line) for line in (DATA / f"en_topics.{split}.jsonl").read_text().splitlines() if line.strip()]
     labels = labels or sorted({r["label"] for r in rows})
-    enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    enc = tokenizer(
+        [r["text"] for r in rows], truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+    )
     y = torch.tensor([labels.index(r["label"]) for r in rows])
     return enc["input_ids"], enc["attention_mask"], y, labels
 
@@ -66,9 +68,18 @@ def factors(layer):
 @torch.no_grad()
 def measure_redundancy(model, ids, mask, groups: int) -> tuple[float, float]:
     """Mean over adapted linears of the A-side and B-side redundancy on held-out inputs (real tokens only)."""
-    layers = [m for m in model.modules() if hasattr(m, "resora_A") or hasattr(m, "lora_A") and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+    layers = [
+        m
+        for m in model.modules()
+        if hasattr(m, "resora_A")
+        or hasattr(m, "lora_A")
+        and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+    ]
     inputs = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, key=i: inputs.__setitem__(key, args[0])) for i, m in enumerate(layers)]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, key=i: inputs.__setitem__(key, args[0]))
+        for i, m in enumerate(layers)
+    ]
     model.eval()
     model(input_ids=ids, attention_mask=mask)
     for h in handles:
@@ -95,7 +106,9 @@ def train(model, ids, mask, y, epochs: int, batch: int, lr: float, seed: int) ->
         for s in range(0, len(y), batch):
             idx = order[s : s + batch]
             out = model(input_ids=ids[idx], attention_mask=mask[idx], labels=y[idx])
-            loss = out.loss + (model.get_regularization_loss() if hasattr(model.base_model, "get_regularization_loss") else 0.0)
+            loss = out.loss + (
+                model.get_regularization_loss() if hasattr(model.base_model, "get_regularization_loss") else 0.0
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -141,6 +154,10 @@ def time_inference(models: dict, ids, mask, repeats: int, batch: int) -> dict[st
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _mean_std(values) -> str:
+    return f"{statistics.fmean(values):.4f} ± {statistics.pstdev([float(x) for x in values]):.4f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=8)
@@ -161,7 +178,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     tr_ids, tr_mask, tr_y, labels = load_task("train", tokenizer)
     ev_ids, ev_mask, ev_y, _ = load_task("eval", tokenizer, labels)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; en_topics: {len(tr_y)} train / {len(ev_y)} eval")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; en_topics: {len(tr_y)} train / {len(ev_y)} eval"
+    )
 
     results = {"lora": [], "resora": []}
     for seed in [] if args.timing_only else args.seeds:
@@ -171,16 +190,19 @@ def main() -> None:
             acc = accuracy(model, ev_ids, ev_mask, ev_y)
             red_a, red_b = measure_redundancy(model, ev_ids, ev_mask, args.groups)
             results[kind].append((acc, red_a, red_b, seconds))
-            print(f"  seed {seed} {kind:6s}: acc {acc:.3f}  redundancy A {red_a:.4f}  B {red_b:.4f}  train {seconds:.1f}s")
+            print(
+                f"  seed {seed} {kind:6s}: acc {acc:.3f}  redundancy A {red_a:.4f}  B {red_b:.4f}  train {seconds:.1f}s"
+            )
 
-    print(f"\nr={args.r}, {args.groups} subspaces, reg_weight={args.reg_weight}, {args.epochs} epochs, seeds {args.seeds}")
+    print(
+        f"\nr={args.r}, {args.groups} subspaces, reg_weight={args.reg_weight}, {args.epochs} epochs, seeds {args.seeds}"
+    )
     print(f"{'method':8s} {'accuracy':>16s} {'redundancy A':>16s} {'redundancy B':>16s}")
     for kind, rows in results.items():
         if not rows:
             continue
         cols = list(zip(*rows))
-        fmt = lambda v: f"{statistics.fmean(v):.4f} ± {statistics.pstdev([float(x) for x in v]):.4f}"
-        print(f"{kind:8s} {fmt(cols[0]):>16s} {fmt(cols[1]):>16s} {fmt(cols[2]):>16s}")
+        print(f"{kind:8s} {_mean_std(cols[0]):>16s} {_mean_std(cols[1]):>16s} {_mean_std(cols[2]):>16s}")
 
     lora = build("lora", args.r, args.groups, 0, args.reg_weight)
     resora = build("resora", args.r, args.groups, 0, args.reg_weight)
@@ -188,8 +210,11 @@ def main() -> None:
     base = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=3)
     merged = resora.merge_and_unload()
     infer = time_inference({"base": base, "merged_resora": merged}, ev_ids, ev_mask, 3 * args.timing_steps, 32)
-    print(f"\ntrain step  ReSoRA / LoRA         = {step['resora'] / step['lora']:.3f}  (goal <= 1.05; {step['resora'] * 1e3:.1f} vs {step['lora'] * 1e3:.1f} ms)")
-    print(f"inference   merged ReSoRA / base   = {infer['merged_resora'] / infer['base']:.3f}  (goal <= 1.01; {infer['merged_resora'] * 1e3:.1f} vs {infer['base'] * 1e3:.1f} ms)")
+    train_ms = f"{step['resora'] * 1e3:.1f} vs {step['lora'] * 1e3:.1f} ms"
+    infer_ms = f"{infer['merged_resora'] * 1e3:.1f} vs {infer['base'] * 1e3:.1f} ms"
+    print(f"\ntrain step  ReSoRA / LoRA         = {step['resora'] / step['lora']:.3f}  (goal <= 1.05; {train_ms})")
+    ratio = infer["merged_resora"] / infer["base"]
+    print(f"inference   merged ReSoRA / base   = {ratio:.3f}  (goal <= 1.01; {infer_ms})")
 
 
 if __name__ == "__main__":

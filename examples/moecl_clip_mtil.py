@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import get_peft_model
-from peft_ext.hub_configs import load_preset
-from peft_ext.trainers import compute_continual_metrics
 from torch.utils.data import DataLoader, TensorDataset
 
 import peft_ext  # noqa: F401  (registers MOECL with PEFT)
+from peft_ext.hub_configs import load_preset
+from peft_ext.trainers import compute_continual_metrics
+
 
 VISION_MLPS = r"((.*\.)?vision_model\.)?encoder\.layers\.\d+\.mlp"
 
@@ -63,6 +64,7 @@ def hub_tasks(path, processor):
 
     tasks = []
     for spec in json.loads(Path(path).read_text()):
+
         def to_tensors(split):
             ds = load_dataset(spec["dataset"], split=spec[split])
             classes = ds.features[spec.get("label_column", "label")].names
@@ -72,7 +74,9 @@ def hub_tasks(path, processor):
 
         train, classes = to_tensors("train_split")
         test, _ = to_tensors("eval_split")
-        tasks.append({"name": spec["name"], "classes": [c.replace("_", " ") for c in classes], "train": train, "eval": test})
+        tasks.append(
+            {"name": spec["name"], "classes": [c.replace("_", " ") for c in classes], "train": train, "eval": test}
+        )
     return tasks
 
 
@@ -80,8 +84,11 @@ def smoke_setup():
     from transformers import CLIPConfig, CLIPModel
 
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(text_config=dict(vocab_size=64, max_position_embeddings=16, **small),
-                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=64, max_position_embeddings=16, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     model = CLIPModel(config)
     g = torch.Generator().manual_seed(0)
@@ -90,8 +97,14 @@ def smoke_setup():
         pix = torch.randn(64, 3, 32, 32, generator=g) + 2.0 * t  # two input distributions for the selector
         labels = torch.arange(64) % 3
         pix[:, 0] += labels.view(-1, 1, 1).float()  # a learnable signal per class
-        tasks.append({"name": name, "classes": [f"{name} {c}" for c in "abc"],
-                      "train": TensorDataset(pix[:48], labels[:48]), "eval": TensorDataset(pix[48:], labels[48:])})
+        tasks.append(
+            {
+                "name": name,
+                "classes": [f"{name} {c}" for c in "abc"],
+                "train": TensorDataset(pix[:48], labels[:48]),
+                "eval": TensorDataset(pix[48:], labels[48:]),
+            }
+        )
 
     def tokenize(prompts):  # a stand-in tokenizer: one id per word, padded to 8
         ids = [[1 + (hash(w) % 60) for w in p.split()][:8] for p in prompts]
@@ -134,7 +147,10 @@ def main():
 
     def text_embeddings(task):
         with model.route(task["name"]), torch.no_grad():
-            batch = {k: v.to(accelerator.device) for k, v in tokenize([f"a photo of a {c}." for c in task["classes"]]).items()}
+            batch = {
+                k: v.to(accelerator.device)
+                for k, v in tokenize([f"a photo of a {c}." for c in task["classes"]]).items()
+            }
             return F.normalize(features(model.get_text_features(**batch)), dim=-1)
 
     def logits(pixels, text):
@@ -181,18 +197,27 @@ def main():
                     for k, name in enumerate(picked):  # a wrong or no task pick counts as a miss
                         if name == seen["name"]:
                             with model.route(name):
-                                correct_auto += int(logits(pixels[k : k + 1], seen_text).argmax(-1).item() == labels[k].item())
+                                correct_auto += int(
+                                    logits(pixels[k : k + 1], seen_text).argmax(-1).item() == labels[k].item()
+                                )
                     total += len(labels)
             matrix[i][j], agnostic[i][j] = correct / total, correct_auto / total
-        accelerator.print(f"after {task['name']}: {[round(a, 3) for a in matrix[i][: i + 1]]} "
-                          f"(task-agnostic {[round(a, 3) for a in agnostic[i][: i + 1]]})")
+        accelerator.print(
+            f"after {task['name']}: {[round(a, 3) for a in matrix[i][: i + 1]]} "
+            f"(task-agnostic {[round(a, 3) for a in agnostic[i][: i + 1]]})"
+        )
 
     if accelerator.is_main_process:
         out = Path(args.output_dir)
         accelerator.unwrap_model(wrapped).save_pretrained(str(out))
         scores = compute_continual_metrics(matrix)
-        metrics = {"method": "moecl", "tasks": names, "accuracy": matrix, "accuracy_task_agnostic": agnostic,
-                   **{k: scores[k] for k in ("avg", "last", "bwt", "forgetting")}}
+        metrics = {
+            "method": "moecl",
+            "tasks": names,
+            "accuracy": matrix,
+            "accuracy_task_agnostic": agnostic,
+            **{k: scores[k] for k in ("avg", "last", "bwt", "forgetting")},
+        }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         accelerator.print(json.dumps(metrics))
 

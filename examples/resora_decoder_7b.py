@@ -20,8 +20,6 @@ import argparse
 import torch
 from datasets import Dataset, load_dataset
 from peft import get_peft_model
-from peft_ext.hub_configs import load_preset
-from peft_ext.trainers import RegularizedTrainer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -33,6 +31,8 @@ from transformers import (
 )
 
 import peft_ext  # noqa: F401  (registers RESORA with PEFT)
+from peft_ext.hub_configs import load_preset
+from peft_ext.trainers import RegularizedTrainer
 
 
 def parse_args():
@@ -59,9 +59,18 @@ def smoke_model_and_data():
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     rows = [{"text": f"the {a} sat on the {b}"} for a in ("cat", "dog") for b in ("mat", "log")] * 8
     return model, tokenizer, Dataset.from_list(rows)
@@ -81,13 +90,18 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
         suffix = args.train.rsplit(".", 1)[-1]
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
-        data = load_dataset(builder, data_files=args.train, split="train") if builder else load_dataset(args.train, split="train")
+        data = (
+            load_dataset(builder, data_files=args.train, split="train")
+            if builder
+            else load_dataset(args.train, split="train")
+        )
 
     model = get_peft_model(model, load_preset(args.preset, task_type="CAUSAL_LM"))
     model.print_trainable_parameters()
     data = data.map(
         lambda b: tokenizer(b[args.text_column], truncation=True, max_length=args.max_length),
-        batched=True, remove_columns=data.column_names,
+        batched=True,
+        remove_columns=data.column_names,
     )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
@@ -107,7 +121,9 @@ def main():
         use_cpu=args.smoke,
     )
     trainer = RegularizedTrainer(
-        model=model, args=training_args, train_dataset=data,
+        model=model,
+        args=training_args,
+        train_dataset=data,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     trainer.train()

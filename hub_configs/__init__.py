@@ -48,6 +48,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+
 PRESET_DIR = Path(__file__).resolve().parent
 
 
@@ -153,4 +154,13 @@ def load_preset(name: str, **overrides: Any):
     return PeftConfig.from_peft_type(**kwargs)
 
 
-__all__ = ["FAMILIES", "PRESET_DIR", "PresetInfo", "list_presets", "load_preset", "preset_dict", "preset_info", "preset_path"]
+__all__ = [
+    "FAMILIES",
+    "PRESET_DIR",
+    "PresetInfo",
+    "list_presets",
+    "load_preset",
+    "preset_dict",
+    "preset_info",
+    "preset_path",
+]

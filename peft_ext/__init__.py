@@ -8,12 +8,14 @@ Importing this package registers its methods with PEFT (``PeftType.RESORA``, ``P
 __version__ = "0.1.0.dev0"
 
 from .registry import register_method, registered_methods  # noqa: E402
-from .tuners.resora import ReSoRAConfig, ReSoRAModel  # noqa: E402
+
 # -- continual methods (each subpackage registers itself on import) --
 # peft_ext.tuners.moecl: MoECLConfig, MoECLModel
 # peft_ext.tuners.ana: AnAConfig, AnAModel
 from .tuners.ana import AnAConfig, AnAModel  # noqa: E402
 from .tuners.moecl import MoECLConfig, MoECLModel  # noqa: E402
+from .tuners.resora import ReSoRAConfig, ReSoRAModel  # noqa: E402
+
 
 __all__ = [
     "__version__",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn, Optional, Sequence
 
+
 USAGE = (
     "usage: peft-ext continual [--model M] [--method {lora,resora,ana,moecl}] [--tasks TASKS.json] "
     "[--output-dir DIR] ..."

@@ -33,6 +33,7 @@ from typing import Any, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 PathLike = Union[str, os.PathLike]
 
 CONFIG_NAME = "adapter_config.json"
@@ -106,8 +107,11 @@ def count_safetensors_parameters(path: PathLike) -> int:
 
 
 def _looks_like_hub_id(value: str | None) -> bool:
-    return bool(value) and not os.path.isabs(value) and not os.path.exists(value) and bool(
-        re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)
+    return (
+        bool(value)
+        and not os.path.isabs(value)
+        and not os.path.exists(value)
+        and bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value))
     )
 
 
@@ -125,7 +129,9 @@ def _matrix_table(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str]
     return "\n".join(lines)
 
 
-def _load_snippet(repo: str, peft_type: str, base_model: str, has_heads: bool, per_task: bool, tasks: Sequence[str]) -> str:
+def _load_snippet(
+    repo: str, peft_type: str, base_model: str, has_heads: bool, per_task: bool, tasks: Sequence[str]
+) -> str:
     first = tasks[0] if tasks else "task0"
     lines = [
         "import peft_ext  # first: registers RESORA, ANA and MOECL with PEFT",
@@ -141,7 +147,9 @@ def _load_snippet(repo: str, peft_type: str, base_model: str, has_heads: bool, p
             f'    logits = classifier.logits(classifier.features(**batch), "{first}")',
         ]
         if peft_type == "MOECL":
-            lines += ['tasks = model.predict_tasks(batch)  # task-agnostic: the DDAS selector picks (None = base model)']
+            lines += [
+                "tasks = model.predict_tasks(batch)  # task-agnostic: the DDAS selector picks (None = base model)"
+            ]
     elif per_task:
         lines += [f'model.set_adapter("{first}")  # one adapter per task']
     lines += [
@@ -201,7 +209,12 @@ def build_model_card(
         tags=sorted({"peft", "peft-ext", "continual-learning", method_name.lower(), *(tags or [])}),
     )
     repo = repo_id or "<user>/<repo>"
-    text: list[str] = [f"# {repo.split('/')[-1]}: {method_name} continual adapter" if repo_id else f"# {method_name} continual adapter", ""]
+    text: list[str] = [
+        f"# {repo.split('/')[-1]}: {method_name} continual adapter"
+        if repo_id
+        else f"# {method_name} continual adapter",
+        "",
+    ]
     if description:
         text += [description, ""]
     text += [
@@ -210,12 +223,17 @@ def build_model_card(
         "",
         f"- **Base model:** `{base or config_base or 'unknown'}`",
         f"- **Tasks ({len(tasks)}, in training order):** " + (", ".join(f"`{t}`" for t in tasks) or "–"),
-        f"- **Adapter layout:** {'one adapter per task (sub-folders)' if per_task else 'one PEFT adapter holding every task'}",
+        "- **Adapter layout:** "
+        + ("one adapter per task (sub-folders)" if per_task else "one PEFT adapter holding every task"),
     ]
     if heads and heads.get("tasks"):
         text += ["", "| task | labels (head order) |", "|---|---|"]
         text += [f"| {t} | {', '.join(map(str, labels))} |" for t, labels in heads["tasks"].items()]
-        text += ["", f"Heads: one linear layer per task on {heads.get('pooling', 'mean')}-pooled features (`heads.safetensors`)."]
+        text += [
+            "",
+            f"Heads: one linear layer per task on {heads.get('pooling', 'mean')}-pooled features "
+            "(`heads.safetensors`).",
+        ]
 
     text += ["", "## Results", ""]
     if metrics:
@@ -233,7 +251,12 @@ def build_model_card(
                 "",
             ]
         text += ["| metric | value |", "|---|---|"]
-        for key, label in (("avg", "Avg (average incremental accuracy)"), ("last", "Last"), ("bwt", "BWT"), ("forgetting", "Forgetting")):
+        for key, label in (
+            ("avg", "Avg (average incremental accuracy)"),
+            ("last", "Last"),
+            ("bwt", "BWT"),
+            ("forgetting", "Forgetting"),
+        ):
             if metrics.get(key) is not None:
                 text.append(f"| {label} | {100 * metrics[key]:.2f} |")
         if metrics.get("task_identification") is not None:
@@ -264,7 +287,7 @@ def build_model_card(
         _load_snippet(repo, peft_type, base or config_base or "<base model>", bool(heads), per_task, tasks),
         "```",
         "",
-        f"Without `import peft_ext`, PEFT cannot map `\"peft_type\": \"{peft_type}\"` to a class and stops with "
+        f'Without `import peft_ext`, PEFT cannot map `"peft_type": "{peft_type}"` to a class and stops with '
         f"`KeyError: '{peft_type}'`. Install peft-ext, add `import peft_ext`, and load again.",
         "",
         "## Files",
@@ -425,7 +448,9 @@ def load_continual_run(
     import peft_ext  # noqa: F401  (registers the methods before PEFT reads adapter_config.json)
 
     source = str(source)
-    hub_kwargs = {k: v for k, v in {"revision": revision, "token": token, "cache_dir": cache_dir}.items() if v is not None}
+    hub_kwargs = {
+        k: v for k, v in {"revision": revision, "token": token, "cache_dir": cache_dir}.items() if v is not None
+    }
     if _resolve(source, CONFIG_NAME, **hub_kwargs) is not None:
         model = PeftModel.from_pretrained(base_model, source, is_trainable=is_trainable, **hub_kwargs)
     else:

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 import peft_ext  # noqa: F401  (registers the methods)
-from peft import PeftModel, get_peft_model
 from peft_ext import AnAConfig
 from peft_ext.tuners.ana import QFORMER_TARGET_MODULES, AnALinear, ana_task_parameter_count
 
@@ -445,7 +445,11 @@ def test_blip2_qformer_preset():
 
     torch.manual_seed(0)
     cfg = Blip2QFormerConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, encoder_hidden_size=12,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        encoder_hidden_size=12,
         cross_attention_frequency=1,
     )
     base = Blip2QFormerModel(cfg).eval()
@@ -492,8 +496,15 @@ def test_llama_decoder_generate_routes_and_keeps_state():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     base = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(3, 40, (2, 5))

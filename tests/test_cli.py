@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from peft import PeftModel
+
+from peft_ext.cli import main
 from peft_ext.trainers import TaskHeadClassifier
 from peft_ext.trainers.testing import make_tiny_bert, save_tiny_model, write_synthetic_stream
 
-from peft_ext.cli import main
 
 METRICS_KEYS = [
     "method", "tasks", "accuracy", "accuracy_task_agnostic", "avg", "last", "bwt", "forgetting",

@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
+
 from peft_ext.trainers import (
     STRATEGIES,
     ContinualSchedule,
@@ -29,6 +30,7 @@ from peft_ext.trainers.testing import (
     synthetic_task,
     write_synthetic_stream,
 )
+
 
 TASKS = ["colors", "moods", "sports"]
 FAST = dict(epochs=20, lr=5e-2, batch_size=8, disable_tqdm=True, plots=False, seed=0)

@@ -1,4 +1,5 @@
-"""Publishing a continual run: what reaches the Hub, the card's content, loading back by Hub id, the missing-import error.
+"""Publishing a continual run: what reaches the Hub, the card's content, loading back by Hub id, the missing-import
+error.
 
 No network: a stand-in for the two Hub API calls that ``push_continual_run_to_hub`` makes (``HfApi.create_repo``,
 ``HfApi.upload_folder``) stores each upload like the Hub would (a repo tree) and materializes it as a
@@ -21,8 +22,6 @@ import pytest
 import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
-from peft_ext.trainers import ContinualSchedule
-from peft_ext.trainers.testing import save_tiny_model, synthetic_task
 from transformers import AutoModel, AutoTokenizer, TrainingArguments
 
 import peft_ext  # noqa: F401
@@ -34,6 +33,9 @@ from peft_ext.hub import (
     push_continual_run_to_hub,
     push_to_hub,
 )
+from peft_ext.trainers import ContinualSchedule
+from peft_ext.trainers.testing import save_tiny_model, synthetic_task
+
 
 REPO = "someone/tiny-moecl-run"
 TASKS = ["moods", "sports"]
@@ -56,8 +58,21 @@ class HubStandIn:
         self.repos[repo_id] = path
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, api, *, repo_id, folder_path, path_in_repo=None, commit_message=None, allow_patterns=None,
-                      ignore_patterns=None, revision=None, create_pr=False, token=None, **kwargs):
+    def upload_folder(
+        self,
+        api,
+        *,
+        repo_id,
+        folder_path,
+        path_in_repo=None,
+        commit_message=None,
+        allow_patterns=None,
+        ignore_patterns=None,
+        revision=None,
+        create_pr=False,
+        token=None,
+        **kwargs,
+    ):
         if repo_id not in self.repos:
             raise FileNotFoundError(f"repo {repo_id} was not created")  # the real Hub answers 404
         folder = Path(folder_path)
@@ -103,8 +118,16 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     model_dir = save_tiny_model(root / "base")
     args = TrainingArguments(
-        output_dir=str(root / "out"), num_train_epochs=2, per_device_train_batch_size=8, learning_rate=5e-3,
-        report_to="none", save_strategy="no", disable_tqdm=True, logging_strategy="no", use_cpu=True, seed=0,
+        output_dir=str(root / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
     )
     schedule = ContinualSchedule(
         [synthetic_task(name, n_train=32, n_eval=16) for name in TASKS],
@@ -141,18 +164,22 @@ def test_push_uploads_safetensors_config_and_card(run, hub):
     assert (run_dir / "checkpoints").is_dir() and (run_dir / "run_state.json").is_file()
     (run_dir / "optimizer.pt").write_bytes(b"not for the hub")  # stray pickle at the run root: never picked up
 
-    info = push_continual_run_to_hub(run_dir, REPO, base_model="sentence-transformers/all-MiniLM-L6-v2", license="apache-2.0")
+    info = push_continual_run_to_hub(
+        run_dir, REPO, base_model="sentence-transformers/all-MiniLM-L6-v2", license="apache-2.0"
+    )
 
-    assert hub.tree(REPO) == sorted([
-        "README.md",
-        "accuracy_curves.png",
-        "accuracy_heatmap.png",
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "heads.json",
-        "heads.safetensors",
-        "metrics.json",
-    ])
+    assert hub.tree(REPO) == sorted(
+        [
+            "README.md",
+            "accuracy_curves.png",
+            "accuracy_heatmap.png",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "heads.json",
+            "heads.safetensors",
+            "metrics.json",
+        ]
+    )
     assert info.oid and REPO in info.commit_url
     repo = hub.repos[REPO]
     config = json.loads((repo / "adapter_config.json").read_text())
@@ -285,8 +312,8 @@ def loaded_by_hub_id(run, hub, tmp_path):
         [sys.executable, str(script), str(run["base"]), REPO], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("REPORT"))
-    return json.loads(line[len("REPORT"):])
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("REPORT"))
+    return json.loads(line[len("REPORT") :])
 
 
 def test_load_by_hub_id_matches_local_folder(run, loaded_by_hub_id, hub):

@@ -2,7 +2,9 @@
 
 import evaluate
 import pytest
+
 from peft_ext.trainers.metrics import METRIC_SCRIPT, compute_continual_metrics, load_metric
+
 
 # Hand-made 3-task matrix (row i: after training task i). By hand:
 #   last       = (0.6 + 0.65 + 0.5) / 3                      = 0.583333...

@@ -106,7 +106,9 @@ def test_gating_per_row_routers_and_expert_mask():
     s = 1.0 / (1.0 + math.exp(-1.0))
     torch.testing.assert_close(masked.gates[0], torch.tensor([1 - s, s, 0.0, 0.0]), rtol=0, atol=1e-6)
     assert torch.equal(masked.gates[1], torch.zeros(4))  # no allowed expert: all-zero gates
-    one = noisy_top_k_gating(x[:1], w_a, None, k=2, training=False, expert_mask=torch.tensor([False, False, True, False]))
+    one = noisy_top_k_gating(
+        x[:1], w_a, None, k=2, training=False, expert_mask=torch.tensor([False, False, True, False])
+    )
     assert one.gates[0].tolist() == [0.0, 0.0, 1.0, 0.0]  # fewer allowed than k: spread over the allowed one
 
 
@@ -296,9 +298,15 @@ def test_activate_freeze_bit_identity_with_adamw_weight_decay():
     for name in ("w_gate.0", "w_noise.0"):
         full = f"base_model.model.lin0.moecl_router.task0.{name}"
         assert torch.equal(after[full], snapshot[full])
-    moved = [e for e in range(5) if e not in expected and not torch.equal(
-        after[f"base_model.model.lin0.moecl_experts.task0.down_weight.{e}"],
-        snapshot[f"base_model.model.lin0.moecl_experts.task0.down_weight.{e}"])]
+    moved = [
+        e
+        for e in range(5)
+        if e not in expected
+        and not torch.equal(
+            after[f"base_model.model.lin0.moecl_experts.task0.down_weight.{e}"],
+            snapshot[f"base_model.model.lin0.moecl_experts.task0.down_weight.{e}"],
+        )
+    ]
     assert moved  # the unfrozen experts task1 routes to do train
     assert layer.moecl_router["task0"].counts[0].tolist() == counts.tolist()  # task0's counts are kept
 
@@ -471,8 +479,13 @@ def _tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=32, pad_token_id=0,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -508,10 +521,16 @@ def test_vit_and_clip_vision():
     from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                             image_size=8, patch_size=4)).eval()
-    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                            intermediate_size=32, image_size=8, patch_size=4)).eval()
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
+        )
+    ).eval()
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
+        )
+    ).eval()
     pixels = {"pixel_values": torch.randn(2, 3, 8, 8)}
     vit_peft = get_peft_model(vit, MoECLConfig(num_experts=4, r=4))
     assert vit_peft.base_model.targeted_module_names == ["layers.0.mlp", "layers.1.mlp"]
@@ -535,7 +554,9 @@ def test_llama_decoder_and_generate():
     assert all(m.training for m in model.modules() if isinstance(m, MoECLLayer))
     model.eval()
     with torch.no_grad(), model.route("none"):
-        routed_none = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        routed_none = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+        )
     with torch.no_grad(), model.disable_adapter():
         base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert torch.equal(routed_none, base)
@@ -561,8 +582,13 @@ def test_save_load_three_tasks_with_selector(tmp_path):
     base = _tiny_bert()
     pristine = copy.deepcopy(base)
     config = MoECLConfig(
-        num_experts=5, r=4, routing_token="mean", expert_dropout=0.0, task_names=["a"],
-        selector_hidden=4, selector_epochs=60
+        num_experts=5,
+        r=4,
+        routing_token="mean",
+        expert_dropout=0.0,
+        task_names=["a"],
+        selector_hidden=4,
+        selector_epochs=60,
     )
     model = get_peft_model(base, config, adapter_name="learner")
     names = ["a", "b", "c"]

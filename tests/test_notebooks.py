@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")

@@ -25,7 +25,11 @@ def test_peft_battery_passes_for_all_methods():
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [str(BATTERY), str(ROOT / "tests" / "peft_battery_cases.py"), "-p", "no:randomly"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     tail = "\n".join(proc.stdout.splitlines()[-40:]) + proc.stderr[-2000:]
     assert proc.returncode == 0, tail

@@ -14,6 +14,9 @@ import torch
 import transformers as T
 from peft import PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+import peft_ext  # noqa: F401
+from peft_ext import AnAConfig, MoECLConfig, ReSoRAConfig
 from peft_ext.hub_configs import (
     FAMILIES,
     list_presets,
@@ -22,8 +25,6 @@ from peft_ext.hub_configs import (
     preset_info,
 )
 
-import peft_ext  # noqa: F401
-from peft_ext import AnAConfig, MoECLConfig, ReSoRAConfig
 
 LAYERS = 2
 SMALL = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=48)
@@ -244,7 +245,9 @@ def test_preset_applies_to_family(name, family, build):
     assert targeted == expected_modules(info.method, family, build.__name__)
     adapted = {n for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
     assert adapted == targeted
-    assert all(any(p.requires_grad for p in m.parameters()) for n, m in model.base_model.model.named_modules() if n in adapted)
+    assert all(
+        any(p.requires_grad for p in m.parameters()) for n, m in model.base_model.model.named_modules() if n in adapted
+    )
     with torch.no_grad():
         out = _output(model(**inputs))
     assert out.shape == reference.shape and torch.isfinite(out).all()

@@ -15,7 +15,9 @@ from peft_ext.tuners.checkpoint import AdapterCheckpointError
 
 def tiny_bert():
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20))
+    return BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)
+    )
 
 
 def test_resora_member_behaves_like_a_builtin_member():

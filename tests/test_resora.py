@@ -19,7 +19,9 @@ from peft_ext.tuners.resora.regularizer import subspace_output_gram
 
 def tiny_bert_classifier():
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=3)
+    config = BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=3
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -119,13 +121,16 @@ def test_training_from_identity_init_stays_finite():
 
 # ---------------------------------------------------------------- the loss as the model exposes it
 def test_regularization_loss_is_collected_from_the_forward():
-    model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=4, init_weights=False, reg_weight=0.5))
+    model = get_peft_model(
+        tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=4, init_weights=False, reg_weight=0.5)
+    )
     inputs = torch.randint(0, 60, (3, 5))
     captured = {}
 
     def grab(name):
         def hook(module, args, output):
             captured[name] = (args[0], module)
+
         return hook
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ReSoRALinear)}
@@ -137,7 +142,12 @@ def test_regularization_loss_is_collected_from_the_forward():
     expected = []
     for x, layer in captured.values():
         z = layer.resora_A["default"](x).reshape(-1, 4)  # dropout is 0
-        expected.append(0.5 * redundancy_terms("feature", z, layer.resora_A["default"].weight, layer.resora_B["default"].weight, 2, 1e-8))
+        expected.append(
+            0.5
+            * redundancy_terms(
+                "feature", z, layer.resora_A["default"].weight, layer.resora_B["default"].weight, 2, 1e-8
+            )
+        )
     assert len(expected) == 4  # 2 layers x (query, value)
     loss = model.get_regularization_loss()
     assert loss.requires_grad
@@ -151,7 +161,9 @@ def test_regularization_loss_is_collected_from_the_forward():
 
 
 def test_regularization_off_when_weight_zero_or_disabled():
-    model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query"], reg_weight=0.0, init_weights=False))
+    model = get_peft_model(
+        tiny_bert_classifier(), ReSoRAConfig(target_modules=["query"], reg_weight=0.0, init_weights=False)
+    )
     model.train()
     model(input_ids=torch.randint(0, 60, (2, 4)))
     assert model.get_regularization_loss().item() == 0.0
@@ -166,7 +178,9 @@ def test_regularization_off_when_weight_zero_or_disabled():
 
 def test_regularizer_gradient_reduces_redundancy():
     """A few steps on the regularizer alone lower it: the loss is differentiable in the right direction."""
-    model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=4, init_weights=False, reg_weight=1.0))
+    model = get_peft_model(
+        tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=4, init_weights=False, reg_weight=1.0)
+    )
     model.train()
     inputs = torch.randint(0, 60, (8, 6))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -185,7 +199,9 @@ def test_regularizer_gradient_reduces_redundancy():
 def test_output_is_lora_math():
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(5, 7))
-    model = get_peft_model(base, ReSoRAConfig(target_modules=["0"], r=4, lora_alpha=8, num_subspaces=2, init_weights=False))
+    model = get_peft_model(
+        base, ReSoRAConfig(target_modules=["0"], r=4, lora_alpha=8, num_subspaces=2, init_weights=False)
+    )
     layer = model.base_model.model[0]
     x = torch.randn(3, 5)
     A, B = layer.resora_A["default"].weight, layer.resora_B["default"].weight
@@ -203,7 +219,9 @@ def test_init_weights_true_is_identity():
         torch.testing.assert_close(model(input_ids=inputs).logits, expected)
 
 
-@pytest.mark.parametrize("factory,targets", [(tiny_bert_classifier, ["query", "value", "dense"]), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+@pytest.mark.parametrize(
+    "factory,targets", [(tiny_bert_classifier, ["query", "value", "dense"]), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])]
+)
 def test_merge_is_exact(factory, targets):
     model = get_peft_model(factory(), ReSoRAConfig(target_modules=targets, r=4, init_weights=False)).eval()
     inputs = torch.randint(0, 60, (2, 6))
@@ -227,7 +245,9 @@ def test_conv1d_is_detected_and_fan_in_fan_out_set():
 
 
 def test_half_precision_base_outputs_and_merge_in_base_dtype():
-    model = get_peft_model(tiny_bert_classifier().to(torch.bfloat16), ReSoRAConfig(target_modules=["query"], init_weights=False))
+    model = get_peft_model(
+        tiny_bert_classifier().to(torch.bfloat16), ReSoRAConfig(target_modules=["query"], init_weights=False)
+    )
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert layer.resora_A["default"].weight.dtype == torch.float32  # PEFT autocasts adapters to fp32
     x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
@@ -237,7 +257,10 @@ def test_half_precision_base_outputs_and_merge_in_base_dtype():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query", "value"], r=6, num_subspaces=3, init_weights=False)).eval()
+    model = get_peft_model(
+        tiny_bert_classifier(),
+        ReSoRAConfig(target_modules=["query", "value"], r=6, num_subspaces=3, init_weights=False),
+    ).eval()
     inputs = torch.randint(0, 60, (2, 5))
     with torch.no_grad():
         expected = model(input_ids=inputs).logits
@@ -252,7 +275,9 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_multiple_adapters_switch_and_delete():
-    model = get_peft_model(tiny_bert_classifier(), ReSoRAConfig(target_modules=["query"], init_weights=False), adapter_name="first")
+    model = get_peft_model(
+        tiny_bert_classifier(), ReSoRAConfig(target_modules=["query"], init_weights=False), adapter_name="first"
+    )
     model.add_adapter("second", ReSoRAConfig(target_modules=["query"], init_weights=False))
     inputs = torch.randint(0, 60, (2, 5))
     with torch.no_grad():
@@ -262,7 +287,9 @@ def test_multiple_adapters_switch_and_delete():
     assert not torch.allclose(out_a, out_b)
     model.delete_adapter("first")
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    assert all("first" not in d for d in (layer.resora_A, layer.resora_B, layer.scaling, layer.num_subspaces, layer.reg_weight))
+    assert all(
+        "first" not in d for d in (layer.resora_A, layer.resora_B, layer.scaling, layer.num_subspaces, layer.reg_weight)
+    )
 
 
 @pytest.mark.parametrize(

@@ -87,8 +87,14 @@ class Probe(nn.Module):
 def probe_model():
     torch.manual_seed(0)
     cfg = MoECLConfig(
-        target_modules=["lin0"], num_experts=4, r=4, init_weights=False, task_names=["t0"], selector_hidden=4,
-        selector_epochs=60, expert_dropout=0.0,
+        target_modules=["lin0"],
+        num_experts=4,
+        r=4,
+        init_weights=False,
+        task_names=["t0"],
+        selector_hidden=4,
+        selector_epochs=60,
+        expert_dropout=0.0,
     )
     model = get_peft_model(Probe(), cfg)
     for previous, task in (("t0", "t1"), ("t1", "t2")):

@@ -8,9 +8,11 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
-from peft_ext.trainers import RegularizedTrainer, regularization_loss_of
 from torch import nn
 from transformers import Trainer, TrainingArguments
+
+from peft_ext.trainers import RegularizedTrainer, regularization_loss_of
+
 
 LAMBDA = 0.5
 

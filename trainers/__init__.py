@@ -20,6 +20,7 @@ from .regularized import RegularizedTrainer, regularization_loss_of
 from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy, register_strategy
 from .task_stream import Task, TaskStreamError, default_model_path, default_task_stream, load_task_stream
 
+
 __all__ = [
     "STRATEGIES",
     "ContinualResult",

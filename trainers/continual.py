@@ -54,6 +54,7 @@ from .regularized import RegularizedTrainer
 from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy
 from .task_stream import Task, check_stream
 
+
 logger = logging.get_logger(__name__)
 
 STATE_FILE = "state.json"

@@ -8,6 +8,7 @@ or :func:`peft_ext.trainers.metrics.compute_continual_metrics`.
 import datasets
 import evaluate
 
+
 _DESCRIPTION = """
 Average incremental accuracy (avg), final accuracy (last), backward transfer (bwt), forgetting and, where the
 matrix holds scores of tasks not trained yet, transfer, from the accuracy matrix of a continual run.

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import evaluate
 
+
 METRIC_SCRIPT = Path(__file__).resolve().parent / "continual_metrics.py"
 
 

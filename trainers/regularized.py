@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 

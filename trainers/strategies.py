@@ -27,6 +27,7 @@ from torch import nn
 
 from .heads import TaskHeadClassifier
 
+
 STRATEGIES: dict[str, type["ContinualStrategy"]] = {}
 
 

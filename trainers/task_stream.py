@@ -20,6 +20,7 @@ from datasets import Dataset
 
 from peft_ext.routing.tasks import check_task_name
 
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 from datasets import Dataset
 
+
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # task -> (label -> keywords, filler words); labels overlap across tasks on purpose ("yes").

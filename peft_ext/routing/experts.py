@@ -156,7 +156,9 @@ class ExpertPool(nn.Module):
             *self.up_bias._parameters.values(),
         ]
 
-    def stacked(self, experts: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stacked(
+        self, experts: Optional[list[int]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(D^T (E,r,d_in), a (E,r), U (E,r,d_out), c (E,d_out))``, or only the rows of ``experts`` when given.
 
         The down-projections come transposed (``nn.Linear``'s layout): a sample's ``k`` selected experts are then
@@ -181,10 +183,16 @@ class ExpertPool(nn.Module):
         rows = torch.tensor(experts, device=cache[1][0].device)
         return tuple(t.index_select(0, rows) for t in cache[1])
 
-    def _stack(self, experts: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stack(
+        self, experts: Optional[list[int]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         out = []
-        for plist, transpose in ((self.down_weight, True), (self.down_bias, False), (self.up_weight, False),
-                                 (self.up_bias, False)):
+        for plist, transpose in (
+            (self.down_weight, True),
+            (self.down_bias, False),
+            (self.up_weight, False),
+            (self.up_bias, False),
+        ):
             params = list(plist._parameters.values())
             if experts is not None:
                 params = [params[e] for e in experts]
@@ -272,4 +280,7 @@ class ExpertPool(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, in_features={self.in_features}, r={self.r}, out_features={self.out_features}"
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, r={self.r}, "
+            f"out_features={self.out_features}"
+        )

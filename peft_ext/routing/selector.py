@@ -46,10 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
-
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 SELECTOR_COMPARE = ("normalized", "raw")
@@ -303,7 +302,11 @@ class TaskSelector(nn.Module):
         choice = torch.where(over, torch.full_like(best, -1), best)
         if len(self.reference) > 0:
             ref_error = self.reference.errors(features)[0]
-            ref_score = ref_error / self.reference.threshold.float().clamp_min(1e-12)[0] if compare == "normalized" else ref_error
+            ref_score = (
+                ref_error / self.reference.threshold.float().clamp_min(1e-12)[0]
+                if compare == "normalized"
+                else ref_error
+            )
             if ref_score.mean() < best_score.mean():  # the reference decides for the whole batch (paper)
                 choice = torch.full_like(best, -1)
         return choice
@@ -345,7 +348,10 @@ class TaskSelectorMixin:
         store = self._selector_store()
         if config.selector_tasks and adapter_name not in store:
             store[adapter_name] = TaskSelector(
-                config.selector_feature_dim, config.selector_hidden, len(config.selector_tasks), config.selector_reference
+                config.selector_feature_dim,
+                config.selector_hidden,
+                len(config.selector_tasks),
+                config.selector_reference,
             ).to(self._model_device())
         self.routing.selector = self._select_for_routing
 

@@ -155,7 +155,9 @@ class RoutingState:
         elif isinstance(requested, str) and requested == AUTO_TASK:
             if self.selector is None:
                 raise ValueError("task_ids='auto' needs a fitted task selector; call fit_task_selector(...) first.")
-            idx = self.selector(adapter_name, pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask))
+            idx = self.selector(
+                adapter_name, pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask)
+            )
         elif isinstance(requested, str):
             value = -1 if requested == BASE_MODEL_TASK else self.task_index(adapter_name, requested)
             idx = torch.full((batch,), value, dtype=torch.long)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import warnings
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 def linear_fan_in_fan_out(config, target: nn.Module, method: str) -> bool:
@@ -28,6 +27,8 @@ def linear_fan_in_fan_out(config, target: nn.Module, method: str) -> bool:
         )
     if config.fan_in_fan_out != expected:
         kind = "Conv1D" if expected else "torch.nn.Linear"
-        warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} but the target is {kind}; using fan_in_fan_out={expected}.")
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} but the target is {kind}; using fan_in_fan_out={expected}."
+        )
         config.fan_in_fan_out = expected
     return expected

@@ -88,7 +88,6 @@ _MULTI_ADAPTER_MERGING_TESTS = (
 )
 
 
-
 def _exact(test_id: str, case: str) -> str:
     """fnmatch pattern matching exactly ``test_id[case]`` (``[`` starts a character class in fnmatch)."""
     return f"{test_id}[[]{case}]"

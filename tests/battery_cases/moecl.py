@@ -6,9 +6,9 @@ modules (parallel mode: input = the module's input, output added to the module's
 Sparse top-k routing only trains the experts a sample selects; PEFT's ``test_only_params_are_updated`` requires
 every trainable tensor to move in 3 SGD steps, so cases whose battery inputs all route alike (EmbConv1D, Conv2d)
 and the case without router noise use as many experts as are selected (and Conv2d a wider bottleneck, so that
-no expert's ReLUs are all dead on the battery's all-positive inputs), and ``scaling=1`` keeps the adapter's effect above PEFT's 1e-4/1e-5
-tolerances. top_k=1 is not used: the softmax over a single selected logit is constantly 1, so the router gets no
-gradient (true of the paper's gating too).
+no expert's ReLUs are all dead on the battery's all-positive inputs), and ``scaling=1`` keeps the adapter's effect
+above PEFT's 1e-4/1e-5 tolerances. top_k=1 is not used: the softmax over a single selected logit is constantly 1,
+so the router gets no gradient (true of the paper's gating too).
 """
 
 from peft_ext import MoECLConfig
@@ -19,18 +19,78 @@ _SMALL = {"num_experts": 4, "r": 4}
 CASES = [
     ("Vanilla MLP 1 MoECL", "MLP", MoECLConfig, {"target_modules": ["lin0"], **_SMALL}),
     ("Vanilla MLP 2 MoECL", "MLP", MoECLConfig, {"target_modules": ["lin0", "lin1"], **_SMALL, "scaling": 1.0}),
-    ("Vanilla MLP 3 MoECL dense", "MLP", MoECLConfig, {"target_modules": ["lin0"], "num_experts": 3, "r": 2, "top_k": 3}),
-    ("Vanilla MLP 4 MoECL loop dispatch", "MLP", MoECLConfig, {"target_modules": ["lin0"], **_SMALL, "dispatch": "loop"}),
-    ("Vanilla MLP 5 MoECL modules_to_save", "MLP", MoECLConfig, {"target_modules": ["lin0"], **_SMALL, "modules_to_save": ["lin1"]}),
-    ("Vanilla MLP 6 MoECL balance isolate", "MLP", MoECLConfig, {"target_modules": ["lin1"], **_SMALL, "balance_loss_weight": 0.01, "isolate_finished_tasks": True, "expert_dropout": 0.0}),
-    ("Vanilla MLP 7 MoECL mean token no noise", "MLP", MoECLConfig, {"target_modules": ["lin0"], "num_experts": 2, "r": 4, "top_k": 2, "routing_token": "mean", "noisy_gating": False}),
-    ("Embedding + transformers Conv1D MoECL", "EmbConv1D", MoECLConfig, {"target_modules": ["conv1d"], "num_experts": 2, "r": 4, "top_k": 2, "scaling": 1.0}),
-    ("Conv2d model, lin0 MoECL", "Conv2d", MoECLConfig, {"target_modules": ["lin0"], "num_experts": 2, "r": 16, "top_k": 2, "scaling": 1.0}),
+    (
+        "Vanilla MLP 3 MoECL dense",
+        "MLP",
+        MoECLConfig,
+        {"target_modules": ["lin0"], "num_experts": 3, "r": 2, "top_k": 3},
+    ),
+    (
+        "Vanilla MLP 4 MoECL loop dispatch",
+        "MLP",
+        MoECLConfig,
+        {"target_modules": ["lin0"], **_SMALL, "dispatch": "loop"},
+    ),
+    (
+        "Vanilla MLP 5 MoECL modules_to_save",
+        "MLP",
+        MoECLConfig,
+        {"target_modules": ["lin0"], **_SMALL, "modules_to_save": ["lin1"]},
+    ),
+    (
+        "Vanilla MLP 6 MoECL balance isolate",
+        "MLP",
+        MoECLConfig,
+        {
+            "target_modules": ["lin1"],
+            **_SMALL,
+            "balance_loss_weight": 0.01,
+            "isolate_finished_tasks": True,
+            "expert_dropout": 0.0,
+        },
+    ),
+    (
+        "Vanilla MLP 7 MoECL mean token no noise",
+        "MLP",
+        MoECLConfig,
+        {
+            "target_modules": ["lin0"],
+            "num_experts": 2,
+            "r": 4,
+            "top_k": 2,
+            "routing_token": "mean",
+            "noisy_gating": False,
+        },
+    ),
+    (
+        "Embedding + transformers Conv1D MoECL",
+        "EmbConv1D",
+        MoECLConfig,
+        {"target_modules": ["conv1d"], "num_experts": 2, "r": 4, "top_k": 2, "scaling": 1.0},
+    ),
+    (
+        "Conv2d model, lin0 MoECL",
+        "Conv2d",
+        MoECLConfig,
+        {"target_modules": ["lin0"], "num_experts": 2, "r": 16, "top_k": 2, "scaling": 1.0},
+    ),
 ]
 
 MULTI_ADAPTER_CASES = [
-    ("MoECL same", "moecl", MoECLConfig, {"target_modules": ["lin0"], **_SMALL, "init_weights": False}, {"target_modules": ["lin0"], **_SMALL, "init_weights": False}),
-    ("MoECL different", "moecl", MoECLConfig, {"target_modules": ["lin0"], **_SMALL, "init_weights": False}, {"target_modules": ["lin1"], **_SMALL, "init_weights": False}),
+    (
+        "MoECL same",
+        "moecl",
+        MoECLConfig,
+        {"target_modules": ["lin0"], **_SMALL, "init_weights": False},
+        {"target_modules": ["lin0"], **_SMALL, "init_weights": False},
+    ),
+    (
+        "MoECL different",
+        "moecl",
+        MoECLConfig,
+        {"target_modules": ["lin0"], **_SMALL, "init_weights": False},
+        {"target_modules": ["lin1"], **_SMALL, "init_weights": False},
+    ),
 ]
 
 # MoE-CL refuses to merge (ValueError): each sample's output is a mixture chosen by a router from that sample's own
@@ -58,6 +118,8 @@ _MULTI_MERGING_TESTS = [
     "test_sequential_merge_matches_batch_merge",
     "test_unmerge_after_sequential_merge_restores_base",
 ]
+
+
 def _exact(test: str, case: str) -> str:
     """fnmatch pattern matching exactly ``test[case]`` (brackets escaped: fnmatch reads ``[...]`` as a set)."""
     return f"{test}[[]{case}[]]"
@@ -72,5 +134,9 @@ EXPECTED_FAILURES: dict[str, str] = {
         for test in tests
         for case in CASES
     },
-    **{_exact(f"TestMultipleActiveAdapters::{test}", case[0]): _REASON for test in _MULTI_MERGING_TESTS for case in MULTI_ADAPTER_CASES},
+    **{
+        _exact(f"TestMultipleActiveAdapters::{test}", case[0]): _REASON
+        for test in _MULTI_MERGING_TESTS
+        for case in MULTI_ADAPTER_CASES
+    },
 }

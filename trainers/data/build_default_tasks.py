@@ -16,6 +16,7 @@ import random
 import re
 from pathlib import Path
 
+
 FORTUNES = Path("/usr/share/games/fortunes")
 HERE = Path(__file__).resolve().parent
 

@@ -145,9 +145,7 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.ANA
-        self.target_modules = (
-            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        )
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )

@@ -14,11 +14,10 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...routing.gating import noisy_top_k_gating
 from .config import AnAConfig

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
 
 from ...routing.selector import TaskSelectorMixin
 from ...routing.tasks import ContinualTunerMixin, check_task_name

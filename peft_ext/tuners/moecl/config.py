@@ -105,7 +105,10 @@ class MoECLConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     )
     dispatch: Literal["gather", "dense", "loop"] = field(
         default="gather",
-        metadata={"help": "Expert computation: 'gather' (batched), 'dense' or 'loop'.", "choices": list(DISPATCH_MODES)},
+        metadata={
+            "help": "Expert computation: 'gather' (batched), 'dense' or 'loop'.",
+            "choices": list(DISPATCH_MODES),
+        },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -124,9 +127,7 @@ class MoECLConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.MOECL
-        self.target_modules = (
-            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        )
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )

@@ -6,10 +6,9 @@ import inspect
 from typing import Any, Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ...routing.experts import ExpertPool
 from ...routing.gating import load_balancing_loss, noisy_top_k_gating
@@ -315,9 +314,7 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         self.moecl_router[adapter_name].counts[task_index].zero_()
 
     def regularization_enabled(self) -> bool:
-        return any(
-            self.moecl_config[a].balance_loss_weight > 0 for a in self.active_adapters if a in self.moecl_config
-        )
+        return any(self.moecl_config[a].balance_loss_weight > 0 for a in self.active_adapters if a in self.moecl_config)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         routing = self.routing

@@ -7,9 +7,8 @@ import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
 
 from ...routing.selector import TaskSelectorMixin
 from ...routing.tasks import ContinualTunerMixin, check_task_name
@@ -40,8 +39,19 @@ MOECL_TARGET_MODULES: dict[str, object] = {
     **{
         model_type: _BLOCK_MLP
         for model_type in (
-            "vit", "deit", "clip", "clip_vision_model", "clip_text_model", "siglip", "siglip_vision_model",
-            "llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2",
+            "vit",
+            "deit",
+            "clip",
+            "clip_vision_model",
+            "clip_text_model",
+            "siglip",
+            "siglip_vision_model",
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gpt2",
         )
     },
 }
@@ -198,9 +208,7 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
                 seen_any = seen_any or bool(module.moecl_router[name].counts[index].sum() > 0)
                 frozen[key] = module.end_task(name, index, k)
         if k > 0 and not seen_any:
-            warnings.warn(
-                f"Task {task_name!r} ended without any training forward being counted; no expert was frozen."
-            )
+            warnings.warn(f"Task {task_name!r} ended without any training forward being counted; no expert was frozen.")
         config.ended_tasks.append(task_name)
         for layer in self._layers(name):
             layer._freeze_non_trainable_peft_weights(name)

@@ -7,11 +7,10 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..regularization import RegularizedLayerMixin
 from .config import ReSoRAConfig
@@ -26,7 +25,16 @@ class ReSoRALayer(BaseTunerLayer, RegularizedLayerMixin):
     """
 
     adapter_layer_names = ("resora_A", "resora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "resora_dropout", "num_subspaces", "reg_weight", "regularizer", "reg_eps")
+    other_param_names = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "resora_dropout",
+        "num_subspaces",
+        "reg_weight",
+        "regularizer",
+        "reg_eps",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -66,7 +74,9 @@ class ReSoRALayer(BaseTunerLayer, RegularizedLayerMixin):
         self.reg_weight[adapter_name] = config.reg_weight
         self.regularizer[adapter_name] = config.regularizer
         self.reg_eps[adapter_name] = config.reg_eps
-        self.resora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.resora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
         self.resora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.resora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.reset_resora_parameters(adapter_name, config.init_weights)
@@ -85,20 +95,27 @@ class ReSoRALayer(BaseTunerLayer, RegularizedLayerMixin):
         """``scaling * B @ A`` in the layout of the base weight (transposed for Conv1D), in the adapter's dtype."""
         weight_A = self.resora_A[adapter].weight
         weight_B = self.resora_B[adapter].weight
-        compute_dtype = torch.float32 if weight_A.dtype in (torch.float16, torch.bfloat16) and weight_A.device.type == "cpu" else weight_A.dtype
+        compute_dtype = (
+            torch.float32
+            if weight_A.dtype in (torch.float16, torch.bfloat16) and weight_A.device.type == "cpu"
+            else weight_A.dtype
+        )
         delta = (weight_B.to(compute_dtype) @ weight_A.to(compute_dtype)) * self.scaling[adapter]
         return transpose(delta, self.fan_in_fan_out).to(weight_A.dtype)
 
     def regularization_enabled(self) -> bool:
         return any(
-            a in self.resora_A and self.reg_weight[a] > 0 and self.regularizer[a] != "none" for a in self.active_adapters
+            a in self.resora_A and self.reg_weight[a] > 0 and self.regularizer[a] != "none"
+            for a in self.active_adapters
         )
 
 
 class ReSoRALinear(nn.Module, ReSoRALayer):
     """ReSoRA on an ``nn.Linear`` or ``Conv1D``; input ``(..., in)`` -> output ``(..., out)``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ReSoRAConfig, fan_in_fan_out: bool = False, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: ReSoRAConfig, fan_in_fan_out: bool = False, **kwargs
+    ) -> None:
         super().__init__()
         ReSoRALayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
 
 from ..checkpoint import CheckedCheckpointMixin
 from ..regularization import RegularizedTunerMixin
