@@ -50,6 +50,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from .tasks import check_task_name
+
 
 SELECTOR_COMPARE = ("normalized", "raw")
 
@@ -112,9 +114,11 @@ class SelectorConfigMixin:
             raise ValueError(f"selector_compare must be one of {SELECTOR_COMPARE}, got {self.selector_compare!r}.")
         if self.selector_feature_dim is not None and self.selector_feature_dim <= 0:
             raise ValueError(f"selector_feature_dim must be positive, got {self.selector_feature_dim!r}.")
-        self.selector_tasks = list(self.selector_tasks)
+        self.selector_tasks = list(self.selector_tasks)  # own copy: fit_task_selector grows it
         if len(set(self.selector_tasks)) != len(self.selector_tasks):
             raise ValueError(f"selector_tasks must be unique, got {self.selector_tasks}.")
+        for name in self.selector_tasks:
+            check_task_name(name)
         if self.selector_tasks and self.selector_feature_dim is None:
             raise ValueError("selector_tasks is set but selector_feature_dim is missing; the config is inconsistent.")
 

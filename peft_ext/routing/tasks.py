@@ -59,11 +59,17 @@ class ContinualConfigMixin:
     def _validate_continual_fields(self) -> None:
         if self.routing_token not in ("first", "mean", "last"):
             raise ValueError(f"routing_token must be 'first', 'mean' or 'last', got {self.routing_token!r}.")
-        names = list(self.task_names)
+        # own copies: add_task/end_task grow these lists, which must not leak into a caller's kwargs
+        self.task_names = list(self.task_names)
+        self.ended_tasks = list(self.ended_tasks)
+        names = self.task_names
         if len(set(names)) != len(names):
             raise ValueError(f"task_names must be unique, got {names}.")
         for name in names:
             check_task_name(name)
+        unknown = [name for name in self.ended_tasks if name not in names]
+        if unknown:
+            raise ValueError(f"ended_tasks {unknown} are not in task_names {names}.")
 
 
 def check_task_name(name: str) -> None:

@@ -9,7 +9,8 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...routing.selector import SelectorConfigMixin
-from ...routing.tasks import ContinualConfigMixin, check_task_name
+from ...routing.tasks import ContinualConfigMixin
+from ..config_checks import check_layer_selection, check_positive_ints, normalize_module_names
 
 
 IN_ADAPTER_INITS = ("linear", "identity", "zero")
@@ -145,27 +146,12 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.ANA
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
+        normalize_module_names(self)
+        check_positive_ints(self, "r")
         if self.in_adapter_init not in IN_ADAPTER_INITS:
             raise ValueError(f"in_adapter_init must be one of {IN_ADAPTER_INITS}, got {self.in_adapter_init!r}.")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
             raise ValueError(f"top_k must be None or a positive integer, got {self.top_k!r}.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
-        # own copies: add_task/end_task grow these lists, which must not leak into a caller's kwargs
-        self.task_names = list(self.task_names)
-        self.ended_tasks = list(self.ended_tasks)
+        check_layer_selection(self)
         self._validate_continual_fields()
         self._validate_selector_fields()
-        unknown = [name for name in self.ended_tasks if name not in self.task_names]
-        if unknown:
-            raise ValueError(f"ended_tasks {unknown} are not in task_names {list(self.task_names)}.")
-        for name in self.ended_tasks:
-            check_task_name(name)

@@ -10,7 +10,8 @@ from peft.utils import PeftType
 
 from ...routing.experts import DISPATCH_MODES
 from ...routing.selector import SelectorConfigMixin
-from ...routing.tasks import ContinualConfigMixin, check_task_name
+from ...routing.tasks import ContinualConfigMixin
+from ..config_checks import check_positive_ints, normalize_module_names
 
 
 ATTACH_MODES = ("auto", "parallel", "residual")
@@ -127,14 +128,8 @@ class MoECLConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.MOECL
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
-        for name in ("num_experts", "r", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        normalize_module_names(self)
+        check_positive_ints(self, "num_experts", "r", "top_k")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts}).")
         if not isinstance(self.freeze_top_k, int) or not 0 <= self.freeze_top_k <= self.num_experts:
@@ -149,13 +144,5 @@ class MoECLConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             raise ValueError(f"attach_mode must be one of {ATTACH_MODES}, got {self.attach_mode!r}.")
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}.")
-        # own copies: add_task/end_task/fit_task_selector grow these lists, which must not leak into caller kwargs
-        self.task_names = list(self.task_names)
-        self.ended_tasks = list(self.ended_tasks)
         self._validate_continual_fields()
         self._validate_selector_fields()
-        unknown = [name for name in self.ended_tasks if name not in self.task_names]
-        if unknown:
-            raise ValueError(f"ended_tasks {unknown} are not in task_names {list(self.task_names)}.")
-        for name in self.ended_tasks + self.selector_tasks:
-            check_task_name(name)

@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..config_checks import check_layer_selection, check_positive_ints, normalize_module_names
+
 
 REGULARIZERS = ("feature", "feature_a", "feature_b", "weight", "none")
 
@@ -98,14 +100,8 @@ class ReSoRAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.RESORA
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.num_subspaces, int) or self.num_subspaces <= 0:
-            raise ValueError(f"num_subspaces must be a positive integer, got {self.num_subspaces!r}.")
+        normalize_module_names(self)
+        check_positive_ints(self, "r", "num_subspaces")
         if self.r % self.num_subspaces != 0:
             raise ValueError(f"r ({self.r}) must be divisible by num_subspaces ({self.num_subspaces}).")
         if self.lora_alpha <= 0:
@@ -120,7 +116,4 @@ class ReSoRAConfig(PeftConfig):
             raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}.")
         if self.bias not in ("none", "all", "resora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'resora_only', got {self.bias!r}.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_selection(self)
