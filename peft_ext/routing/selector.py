@@ -50,7 +50,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from .tasks import check_task_name
+from .tasks import check_task_name, eval_mode
 
 
 SELECTOR_COMPARE = ("normalized", "raw")
@@ -416,7 +416,6 @@ class TaskSelectorMixin:
         layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         if not layers:
             raise ValueError("The model has no adapted layer to take selector features from.")
-        modes = [(m, m.training) for m in self.model.modules()]
         disabled = [(m, m._disable_adapters) for m in layers]
         token_modes = dict(routing.routing_token)
         captured: list[torch.Tensor] = []
@@ -427,21 +426,21 @@ class TaskSelectorMixin:
 
         handles = [m.register_forward_hook(stop) for m in layers]
         try:
-            self.model.eval()
             for m in layers:
                 m._disable_adapters = True
             routing.routing_token = {k: token_modes.get(name, "first") for k in token_modes}
             routing.capture = captured
-            for batch in batches:
-                if not isinstance(batch, Mapping):
-                    raise ValueError(f"Selector batches must be dicts of model inputs, got {type(batch).__name__}.")
-                before = len(captured)
-                try:
-                    self.model(**batch)
-                except _CaptureDone:
-                    pass
-                if len(captured) == before:
-                    raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
+            with eval_mode(self.model):
+                for batch in batches:
+                    if not isinstance(batch, Mapping):
+                        raise ValueError(f"Selector batches must be dicts of model inputs, got {type(batch).__name__}.")
+                    before = len(captured)
+                    try:
+                        self.model(**batch)
+                    except _CaptureDone:
+                        pass
+                    if len(captured) == before:
+                        raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
         finally:
             routing.capture = None
             routing.routing_token = token_modes
@@ -449,8 +448,6 @@ class TaskSelectorMixin:
                 h.remove()
             for m, flag in disabled:
                 m._disable_adapters = flag
-            for m, mode in modes:
-                m.training = mode
         if not captured:
             raise ValueError("fit_task_selector got no batches.")
         return torch.cat([c.reshape(c.shape[0], -1) for c in captured], dim=0)

@@ -80,6 +80,19 @@ def check_task_name(name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode inside the block, each module's own flag restored afterwards (a plain
+    ``model.train(previous)`` would flatten a model whose modules were in mixed modes)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def pool_tokens(x: torch.Tensor, mode: str, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reduce token features ``(batch, seq, dim)`` to one vector per sample ``(batch, dim)``.
 

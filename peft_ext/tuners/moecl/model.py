@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...routing.selector import TaskSelectorMixin
-from ...routing.tasks import ContinualTunerMixin, check_task_name
+from ...routing.tasks import ContinualTunerMixin, check_task_name, eval_mode
 from ..checkpoint import AdapterCheckpointError, CheckedCheckpointMixin, remove_nested_adapter_name
 from ..regularization import RegularizedTunerMixin
 from .config import MoECLConfig
@@ -217,22 +217,17 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
     @torch.no_grad()
     def _recount_routes(self, name: str, task_name: str, index: int, batches: Iterable[Mapping[str, Any]]) -> None:
         """Replace task ``index``'s activation counts by its eval-mode routes on ``batches``."""
-        layers = self._layers(name)
-        modes = [(m, m.training) for m in self.model.modules()]
-        for layer in layers:
+        for layer in self._layers(name):
             layer.reset_counts(name, index)
         self.routing.count_routes = True
         try:
-            self.model.eval()
-            with self.route(task_name):
+            with eval_mode(self.model), self.route(task_name):
                 for batch in batches:
                     if not isinstance(batch, Mapping):
                         raise ValueError(f"end_task batches must be dicts of model inputs, got {type(batch).__name__}.")
                     self.model(**batch)
         finally:
             self.routing.count_routes = False
-            for m, mode in modes:
-                m.training = mode
 
     def frozen_experts(self, adapter_name: Optional[str] = None) -> dict[str, list[int]]:
         """``{module name: indices of frozen experts}`` of ``adapter_name``."""
