@@ -289,10 +289,15 @@ class _RoutedStrategy(ContinualStrategy):
         model.add_task(task)
 
     def end_task(self, model, task, batches):
-        model.end_task(task)
+        batches = list(batches)  # read twice where the method recounts routes before its selector is fitted
+        model.end_task(task, **self.end_task_kwargs(batches))
         if hasattr(model, "fit_task_selector"):  # the method has a task selector (MoE-CL's DDAS)
             limit = self.settings["selector_batches"]
             model.fit_task_selector(task, [b for i, b in enumerate(batches) if limit is None or i < limit])
+
+    def end_task_kwargs(self, batches: list[dict]) -> dict[str, Any]:
+        """Extra keyword arguments of the method's ``end_task`` (none by default)."""
+        return {}
 
     def can_infer_tasks(self, model):
         return bool(getattr(model, "has_task_selector", False))
@@ -329,11 +334,8 @@ class MoECLStrategy(_RoutedStrategy):
     def config_class(self):
         return _peft_ext_config("MoECLConfig", "moecl")
 
-    def end_task(self, model, task, batches):
-        if self.settings["recount_routes"]:
-            batches = list(batches)
-            model.end_task(task, batches=batches)
-        super().end_task(model, task, batches)
+    def end_task_kwargs(self, batches):
+        return {"batches": batches} if self.settings["recount_routes"] else {}
 
 
 __all__ = [
