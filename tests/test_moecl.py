@@ -99,10 +99,17 @@ def test_gating_per_row_routers_and_expert_mask():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     w_a = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     w_b = torch.tensor([[0.0, 0.0, 0.0, 0.0], [4.0, 0.0, 1.0, 2.0]])
-    per_row = noisy_top_k_gating(x, torch.stack([w_a, w_b]), None, k=2, training=False)
+    routers = torch.stack([w_a, w_b])
+    per_row = noisy_top_k_gating(x, routers, None, k=2, training=False, router_index=torch.tensor([0, 1]))
     assert per_row.top_indices.tolist() == [[2, 1], [0, 3]]
+    both_a = noisy_top_k_gating(x, routers, None, k=2, training=False, router_index=torch.tensor([0, 0]))
+    assert both_a.logits.tolist() == [[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="router_index"):
+        noisy_top_k_gating(x, routers, None, k=2, training=False)
     mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
-    masked = noisy_top_k_gating(x, torch.stack([w_a, w_b]), None, k=2, training=False, expert_mask=mask)
+    masked = noisy_top_k_gating(
+        x, routers, None, k=2, training=False, expert_mask=mask, router_index=torch.tensor([0, 1])
+    )
     s = 1.0 / (1.0 + math.exp(-1.0))
     torch.testing.assert_close(masked.gates[0], torch.tensor([1 - s, s, 0.0, 0.0]), rtol=0, atol=1e-6)
     assert torch.equal(masked.gates[1], torch.zeros(4))  # no allowed expert: all-zero gates
@@ -136,11 +143,11 @@ def test_expert_pool_dispatch_matches_definition(dispatch):
             b.normal_()
     x = torch.randn(4, 3, 6)
     gate = noisy_top_k_gating(x[:, 0], torch.randn(6, 5), None, k=2, training=False)
-    gates = gate.gates.clone()
-    gates[2] = 0.0  # a base-model sample
+    gate = gate._replace(top_gates=gate.top_gates.clone())
+    gate.top_gates[2] = 0.0  # a base-model sample
     with torch.no_grad():
-        y = pool(x, gates, gate.top_indices, dispatch=dispatch)
-        expected = _manual_pool(pool, x, gates)
+        y = pool(x, gate.top_gates, gate.top_indices, dispatch=dispatch)
+        expected = _manual_pool(pool, x, gate.gates)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(y[2], torch.zeros_like(y[2]))  # exactly zero, not approximately
 
@@ -153,7 +160,7 @@ def test_expert_pool_gather_gradients_match_loop():
     grads = {}
     for dispatch in ("gather", "loop"):
         pool.zero_grad(set_to_none=True)
-        pool(x, gate.gates, gate.top_indices, dispatch=dispatch).square().sum().backward()
+        pool(x, gate.top_gates, gate.top_indices, dispatch=dispatch).square().sum().backward()
         grads[dispatch] = [None if p.grad is None else p.grad.clone() for p in pool.parameters()]
     used = set(gate.top_indices.flatten().tolist())
     assert len(used) < 6  # some expert is unused ...
@@ -168,9 +175,9 @@ def test_expert_pool_inference_cache_tracks_updates():
     x = torch.randn(2, 1, 4)
     gate = noisy_top_k_gating(x[:, 0], torch.randn(4, 3), None, k=2, training=False)
     with torch.no_grad():
-        y0 = pool(x, gate.gates, gate.top_indices)
+        y0 = pool(x, gate.top_gates, gate.top_indices)
         pool.up_weight[gate.top_indices[0, 0]].add_(1.0)  # in-place update bumps the version counter
-        y1 = pool(x, gate.gates, gate.top_indices)
+        y1 = pool(x, gate.top_gates, gate.top_indices)
     assert not torch.equal(y0, y1)
 
 
@@ -369,6 +376,14 @@ def test_isolated_finished_task_never_changes(isolate):
         assert torch.equal(before, after)  # zero forgetting, bit for bit
     else:
         assert not torch.allclose(before, after)  # the paper's setting drifts through the shared unfrozen expert
+    # a mixed batch (per-sample routers and masks) gives each sample what its task alone gives
+    with torch.no_grad():
+        mixed = model(x=x, task_ids=["task0", "task1", "none", "task1", "task0"])
+        task1 = model(x=x, task_ids="task1")
+        with model.disable_adapter():
+            base = model(x=x)
+    expected = torch.stack([after[0], task1[1], base[2], task1[3], after[4]])
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_loading_for_training_keeps_frozen_experts_frozen(tmp_path):

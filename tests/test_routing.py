@@ -44,6 +44,31 @@ def test_routing_state_resolves_once_per_forward():
         state.sample_tasks("default", x)
 
 
+@pytest.mark.parametrize(
+    "requested, tasks, uniform",
+    [
+        (None, [1, 1, 1], 1),  # the active task
+        ("t0", [0, 0, 0], 0),
+        ("none", [-1, -1, -1], -1),
+        (["t1", "t1", "t1"], [1, 1, 1], 1),  # a list of one repeated name is uniform too
+        ([None, "none", None], [-1, -1, -1], -1),
+        (["t0", "none", "t1"], [0, -1, 1], None),  # mixed: layers must read the tensor
+        ("auto", [1, -1, 0], None),  # decided on the device
+    ],
+)
+def test_uniform_task_known_without_reading_the_tensor(requested, tasks, uniform):
+    state = RoutingState()
+    state.task_names["default"] = ["t0", "t1"]
+    state.active_task["default"] = "t1"
+    state.selector = lambda adapter, pooled: torch.tensor([1, -1, 0])
+    state.requested = requested
+    state.start_forward(None)
+    assert state.sample_tasks("default", torch.zeros(3, 4, 8)).tolist() == tasks
+    assert state.uniform_task("default") == uniform
+    state.start_forward(None)
+    assert state.uniform_task("default") is None  # a new forward: nothing resolved yet
+
+
 @pytest.mark.parametrize("name", ["", "a.b", "none", "auto", 3])
 def test_reserved_or_invalid_task_names(name):
     with pytest.raises(ValueError, match="Invalid task name"):

@@ -207,36 +207,34 @@ class ExpertPool(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        gates: torch.Tensor,
+        top_gates: torch.Tensor,
         top_indices: torch.Tensor,
         dispatch: str = "gather",
         scale: float = 1.0,
     ) -> torch.Tensor:
-        """Mixture output for ``x`` ``(B, ..., d_in)`` with per-sample ``gates`` ``(B, E)`` (zero for unselected
-        experts) and ``top_indices`` ``(B, k)`` (the selected experts), times ``scale``. Returns
-        ``(B, ..., d_out)`` in ``x.dtype``.
+        """Mixture output for ``x`` ``(B, ..., d_in)``: sample ``b`` uses experts ``top_indices[b]`` ``(B, k)``
+        with weights ``top_gates[b]`` ``(B, k)``, all times ``scale``. Returns ``(B, ..., d_out)`` in ``x.dtype``.
 
         All tokens of a sample use that sample's route. A sample whose gates are all zero gets an exact zero.
-        ``scale`` is folded into the gates (one ``(B, E)`` multiply instead of one over the whole output).
+        ``scale`` is folded into the gates (one ``(B, k)`` multiply instead of one over the whole output).
         """
         batch = x.shape[0]
         lead_shape = x.shape[:-1]
         x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, d_in)
-        k = top_indices.shape[-1]
-        weights = (gates * scale if scale != 1.0 else gates).to(x.dtype)
-        if dispatch == "loop":
-            y = self._forward_loop(x3, weights)
-        elif dispatch == "dense" or k >= self.num_experts:
-            y = self._forward_dense(x3, weights)
-        elif dispatch == "gather":
+        weights = (top_gates * scale if scale != 1.0 else top_gates).to(x.dtype)
+        if dispatch == "gather" and top_indices.shape[-1] < self.num_experts:
             y = self._forward_gather(x3, weights, top_indices)
+        elif dispatch in DISPATCH_MODES:
+            # the reference dispatches (and k == E) work on the dense (B, E) gates
+            gates = weights.new_zeros(batch, self.num_experts).scatter(1, top_indices, weights)
+            y = self._forward_loop(x3, gates) if dispatch == "loop" else self._forward_dense(x3, gates)
         else:
             raise ValueError(f"Unknown dispatch {dispatch!r}; use one of {DISPATCH_MODES}.")
         return y.reshape(*lead_shape, self.out_features)
 
-    def _forward_gather(self, x: torch.Tensor, gates: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+    def _forward_gather(self, x: torch.Tensor, weights: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, T, d_in)``, ``weights``/``top_indices`` ``(B, k)`` -> ``(B, T, d_out)``."""
         grad = torch.is_grad_enabled()
-        weights = gates.gather(1, top_indices)  # (B, k)
         if grad:
             # training: stack only the experts this batch uses (one host sync), so that unused experts get no
             # gradient -- AdamW then leaves them alone, as the reference's per-expert loop does
@@ -253,11 +251,16 @@ class ExpertPool(nn.Module):
         d_sel = down_t.flatten(1).index_select(0, flat).view(batch, k * r, d_in).transpose(1, 2)
         a_sel = down_b.index_select(0, flat).view(batch, 1, k * r)
         hidden = torch.baddbmm(a_sel, x, d_sel)  # (B, T, k*r)
-        hidden = self.dropout(torch.relu(hidden) if grad else hidden.relu_())
-        scaled = hidden.view(batch, -1, k, r) * weights.view(batch, 1, k, 1)  # gate folded into the activations
+        hidden = torch.relu(hidden) if grad else hidden.relu_()  # in place when nothing needs the pre-activation
+        if self.training:
+            hidden = self.dropout(hidden)
+        hidden = hidden.view(batch, -1, k, r)
+        gate = weights.view(batch, 1, k, 1)
+        hidden = hidden * gate if grad else hidden.mul_(gate)
+        # the gate is folded into the activations: the k weighted up-projections are one matmul
         u_sel = up_w.flatten(1).index_select(0, flat).view(batch, k * r, d_out)
         bias = torch.bmm(weights.unsqueeze(1), up_b.index_select(0, flat).view(batch, k, d_out))  # (B, 1, d_out)
-        return torch.baddbmm(bias, scaled.view(batch, -1, k * r), u_sel)
+        return torch.baddbmm(bias, hidden.view(batch, -1, k * r), u_sel)
 
     def _forward_dense(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         down_t, down_b, up_w, up_b = self.stacked()

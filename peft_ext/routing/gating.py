@@ -15,9 +15,22 @@ import torch.nn.functional as F
 
 
 class GateOutput(NamedTuple):
-    gates: torch.Tensor  # (N, E): softmax over the selected experts, 0 elsewhere; rows sum to 1
+    """Top-k routing of ``N`` rows over ``E`` experts."""
+
+    top_gates: torch.Tensor  # (N, k): softmax over the selected experts, in the order of top_indices
     top_indices: torch.Tensor  # (N, k): selected experts, by decreasing logit
     logits: torch.Tensor  # (N, E): the (noisy while training) logits the selection was made on
+
+    @property
+    def gates(self) -> torch.Tensor:
+        """``(N, E)``: ``top_gates`` scattered over all experts, 0 for unselected ones; rows sum to 1 (or 0).
+
+        Built on access: the sparse dispatch only needs ``top_gates``/``top_indices``; statistics, balance loss
+        and dense dispatch use this form.
+        """
+        if self.top_gates.shape[-1] == self.logits.shape[-1]:
+            return self.top_gates  # dense gating keeps the expert order (top_indices is arange)
+        return torch.zeros_like(self.logits).scatter(-1, self.top_indices, self.top_gates)
 
 
 def noisy_top_k_gating(
@@ -28,10 +41,12 @@ def noisy_top_k_gating(
     training: bool,
     noise_epsilon: float = 1e-2,
     expert_mask: Optional[torch.Tensor] = None,
+    router_index: Optional[torch.Tensor] = None,
 ) -> GateOutput:
     """Gate ``x`` ``(N, d)`` over ``E`` experts with ``w_gate``/``w_noise`` ``(d, E)``; noise only if ``training``.
 
-    ``w_gate``/``w_noise`` may also be ``(N, d, E)``: one router per row (e.g. per-sample tasks, MoE-CL).
+    Several routers: ``w_gate``/``w_noise`` ``(R, d, E)`` and ``router_index`` ``(N,)`` long, the router of each
+    row (e.g. per-sample tasks, MoE-CL).
     ``expert_mask`` (``(E,)`` or ``(N, E)`` bool, optional): experts a row may use; the others get logit ``-inf``
     and gate 0. A row with fewer than ``k`` allowed experts spreads over the allowed ones; a row with none gets
     all-zero gates.
@@ -40,9 +55,9 @@ def noisy_top_k_gating(
     rounding; the gates are returned in float32.
     """
     x = x.float()
-    clean_logits = _project(x, w_gate)
+    clean_logits = _project(x, w_gate, router_index)
     if training and w_noise is not None:
-        noise_std = F.softplus(_project(x, w_noise)) + noise_epsilon
+        noise_std = F.softplus(_project(x, w_noise, router_index)) + noise_epsilon
         logits = clean_logits + torch.randn_like(clean_logits) * noise_std
     else:
         logits = clean_logits
@@ -61,15 +76,21 @@ def noisy_top_k_gating(
     top_gates = torch.softmax(top_logits, dim=-1)
     if expert_mask is not None:
         top_gates = torch.nan_to_num(top_gates, nan=0.0)  # rows with no allowed expert
-    gates = torch.zeros_like(logits).scatter(-1, top_indices, top_gates)
-    return GateOutput(gates, top_indices, logits)
+    return GateOutput(top_gates, top_indices, logits)
 
 
-def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(N, d)`` times a shared ``(d, E)`` or per-row ``(N, d, E)`` matrix, in float32 -> ``(N, E)``."""
-    if w.dim() == 3:
-        return torch.bmm(x.unsqueeze(1), w.float()).squeeze(1)
-    return x @ w.float()
+def _project(x: torch.Tensor, w: torch.Tensor, router_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` ``(N, d)`` times a shared ``(d, E)`` matrix, or times row ``n``'s own ``w[router_index[n]]`` of an
+    ``(R, d, E)`` stack, in float32 -> ``(N, E)``."""
+    w = w.float()
+    if w.dim() == 2:
+        return x @ w
+    if router_index is None:
+        raise ValueError("Several routers ((R, d, E) weights) need router_index, the router of each row.")
+    # every router on every row (one batched matmul, no per-row weight copy), then each row's own router
+    all_logits = torch.matmul(x.unsqueeze(0), w)  # (R, N, E)
+    index = router_index.view(1, -1, 1).expand(1, -1, w.shape[-1])
+    return all_logits.gather(0, index).squeeze(0)
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -135,6 +135,7 @@ class RoutingState:
         self.attention_mask: Optional[torch.Tensor] = None
         self.selector: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None  # (adapter, x) -> (batch,)
         self._resolved: dict[str, torch.Tensor] = {}  # adapter -> (batch,) task indices, for this forward
+        self._uniform: dict[str, Optional[int]] = {}  # adapter -> the one task index of the whole batch, if known
         self.capture: Optional[list[torch.Tensor]] = None  # when a list: collect the first layer's input
         self.routing_token: dict[str, str] = {}
         self.count_routes = False  # True: layers count the selected experts in eval mode too (MoE-CL's recount)
@@ -143,6 +144,7 @@ class RoutingState:
     def start_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
         self.attention_mask = attention_mask
         self._resolved = {}
+        self._uniform = {}
         self._captured_this_forward = False
 
     def task_index(self, adapter_name: str, task_name: str) -> int:
@@ -169,8 +171,9 @@ class RoutingState:
         if cached is not None and cached.shape[0] == batch:
             return cached
         requested = self.requested
+        uniform: Optional[int] = None
         if requested is None:
-            idx = torch.full((batch,), self.task_index(adapter_name, self.active_task[adapter_name]), dtype=torch.long)
+            uniform = self.task_index(adapter_name, self.active_task[adapter_name])
         elif isinstance(requested, str) and requested == AUTO_TASK:
             if self.selector is None:
                 raise ValueError("task_ids='auto' needs a fitted task selector; call fit_task_selector(...) first.")
@@ -178,19 +181,31 @@ class RoutingState:
                 adapter_name, pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask)
             )
         elif isinstance(requested, str):
-            value = -1 if requested == BASE_MODEL_TASK else self.task_index(adapter_name, requested)
-            idx = torch.full((batch,), value, dtype=torch.long)
+            uniform = -1 if requested == BASE_MODEL_TASK else self.task_index(adapter_name, requested)
         else:
             names = list(requested)
             if len(names) != batch:
                 raise ValueError(f"task_ids has {len(names)} entries but the batch has {batch} samples.")
-            idx = torch.tensor(
-                [-1 if n is None or n == BASE_MODEL_TASK else self.task_index(adapter_name, n) for n in names],
-                dtype=torch.long,
-            )
+            values = [-1 if n is None or n == BASE_MODEL_TASK else self.task_index(adapter_name, n) for n in names]
+            if values and all(v == values[0] for v in values):
+                uniform = values[0]
+            else:
+                idx = torch.tensor(values, dtype=torch.long)
+        if uniform is not None:
+            idx = torch.full((batch,), uniform, dtype=torch.long, device=x.device)
         idx = idx.to(x.device)
         self._resolved[adapter_name] = idx
+        self._uniform[adapter_name] = uniform
         return idx
+
+    def uniform_task(self, adapter_name: str) -> Optional[int]:
+        """After :meth:`sample_tasks`: the task index every sample of this forward uses (``-1``: the base model),
+        when that is known without reading the task tensor (a single task name, the active task, or a list of
+        one repeated name); None for a mixed batch or a decision made on the device (``"auto"``).
+
+        Lets layers take the one-router path and skip per-sample masks without a host-device sync.
+        """
+        return self._uniform.get(adapter_name)
 
 
 class _RoutingHooks:

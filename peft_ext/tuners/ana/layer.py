@@ -248,13 +248,21 @@ class AnALayer(BaseTunerLayer):
         b_up = torch.stack([e.up.bias for e in experts])  # (E, d_out)
         return F.linear((h * coef.unsqueeze(-1)).reshape(h.shape[0], -1), w_up) + coef @ b_up
 
-    def adapter_output(self, adapter_name: str, x: torch.Tensor, sample_tasks: torch.Tensor) -> Optional[torch.Tensor]:
+    def adapter_output(
+        self, adapter_name: str, x: torch.Tensor, sample_tasks: torch.Tensor, uniform: Optional[int] = None
+    ) -> Optional[torch.Tensor]:
         """Output of adapter ``adapter_name`` for ``x`` ``(batch, ..., d_in)`` with per-sample task indices
-        ``sample_tasks`` ``(batch,)`` (``-1``: no adapter output for that sample). None if no sample uses a task."""
+        ``sample_tasks`` ``(batch,)`` (``-1``: no adapter output for that sample). None if no sample uses a task.
+
+        ``uniform``: the one task index of the whole batch, when the caller knows it (skips reading
+        ``sample_tasks`` on the host)."""
         num_tasks = len(self.ana_tasks[adapter_name])
         lead_shape = x.shape[:-1]
-        first = int(sample_tasks[0]) if sample_tasks.numel() else -1
-        if sample_tasks.numel() and bool((sample_tasks == first).all()):
+        if uniform is not None:
+            first = uniform
+        else:
+            first = int(sample_tasks[0]) if sample_tasks.numel() else -1
+        if uniform is not None or (sample_tasks.numel() and bool((sample_tasks == first).all())):
             if first < 0:
                 return None
             if first >= num_tasks:
@@ -276,14 +284,16 @@ class AnALayer(BaseTunerLayer):
             out = out.index_put((rows,), y.view(*x_rows.shape[:-1], self.out_features))
         return out
 
-    def _sample_tasks(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def _sample_tasks(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[int]]:
+        """``(task index per sample (batch,), the batch's one task index if known)``, see ``RoutingState``."""
         routing = self.routing
         if routing is None or adapter_name not in routing.task_names:
             # injected without an AnAModel (inject_adapter_in_model): use the last task
             last = len(self.ana_tasks[adapter_name]) - 1
-            return torch.full((x.shape[0],), last, dtype=torch.long, device=x.device)
+            return torch.full((x.shape[0],), last, dtype=torch.long, device=x.device), last
         routing.observe(adapter_name, x)
-        return routing.sample_tasks(adapter_name, x)
+        tasks = routing.sample_tasks(adapter_name, x)
+        return tasks, routing.uniform_task(adapter_name)
 
     # -- merging (exact only for a single task) -------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,9 +392,9 @@ class AnALinear(nn.Module, AnALayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.ana_tasks:
                 continue
-            sample_tasks = self._sample_tasks(adapter_name, x)
+            sample_tasks, uniform = self._sample_tasks(adapter_name, x)
             adapter_dtype = self.ana_tasks[adapter_name][0].down.weight.dtype
-            out = self.adapter_output(adapter_name, self._cast_input_dtype(x, adapter_dtype), sample_tasks)
+            out = self.adapter_output(adapter_name, self._cast_input_dtype(x, adapter_dtype), sample_tasks, uniform)
             if out is not None:
                 result = result + out.to(previous_dtype)
         return result

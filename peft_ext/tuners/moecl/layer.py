@@ -11,8 +11,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...routing.experts import ExpertPool
-from ...routing.gating import load_balancing_loss, noisy_top_k_gating
-from ...routing.tasks import BASE_MODEL_TASK, RoutingState, pool_tokens
+from ...routing.gating import GateOutput, load_balancing_loss, noisy_top_k_gating
+from ...routing.tasks import RoutingState, pool_tokens
 from ..regularization import RegularizedLayerMixin
 
 
@@ -113,6 +113,7 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         self.moecl_experts = nn.ModuleDict()
         self.moecl_router = nn.ModuleDict()
         self.moecl_config: dict[str, Any] = {}
+        self._allowed_cache: dict[str, tuple] = {}  # adapter -> (key, (T, E) bool), see _allowed_experts
         self._disable_adapters = False
         self.merged_adapters = []
         self.routing = routing
@@ -237,31 +238,44 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
                 return value
         raise ValueError(f"Cannot find the input tensor of {type(self.get_base_layer()).__name__}.")
 
-    def _allowed_experts(self, name: str, config, num_tasks: int, device) -> Optional[torch.Tensor]:
-        """``(T, E)`` bool: experts each task's router may use (only with ``isolate_finished_tasks``)."""
+    def _allowed_experts(self, name: str, config, num_tasks: int) -> Optional[torch.Tensor]:
+        """``(T, E)`` bool: experts each task's router may use (only with ``isolate_finished_tasks``).
+
+        An ended task may use the experts frozen by its end; an open task may use all. Cached until a task ends or
+        an expert is frozen (or loaded: ``frozen_at``'s version moves).
+        """
         if not config.isolate_finished_tasks or not config.ended_tasks:
             return None
         frozen_at = self.moecl_experts[name].frozen_at
+        key = (tuple(config.ended_tasks), num_tasks, frozen_at._version, frozen_at.data_ptr())
+        cached = self._allowed_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         ended = torch.tensor(
-            [t in config.ended_tasks for t in config.task_names[:num_tasks]], dtype=torch.bool, device=device
+            [t in config.ended_tasks for t in config.task_names[:num_tasks]], dtype=torch.bool, device=frozen_at.device
         )
-        task_ids = torch.arange(num_tasks, device=device).unsqueeze(1)
+        task_ids = torch.arange(num_tasks, device=frozen_at.device).unsqueeze(1)
         frozen_by_end = (frozen_at.unsqueeze(0) >= 0) & (frozen_at.unsqueeze(0) <= task_ids)
-        return frozen_by_end | ~ended.unsqueeze(1)
+        allowed = frozen_by_end | ~ended.unsqueeze(1)
+        self._allowed_cache[name] = (key, allowed)
+        return allowed
 
-    def route(self, name: str, x: torch.Tensor, tasks: torch.Tensor):
-        """Gates of adapter ``name`` for input ``x`` ``(B, ..., d)`` and per-sample task indices ``tasks``
-        ``(B,)`` (``-1``: base model, gates all zero). Returns ``GateOutput`` with gates ``(B, E)``."""
+    def route(self, name: str, x: torch.Tensor, tasks: torch.Tensor, uniform: Optional[int] = None) -> GateOutput:
+        """Top-k routing of adapter ``name`` for input ``x`` ``(B, ..., d)`` and per-sample task indices ``tasks``
+        ``(B,)`` (``-1``: base model, gates all zero). ``uniform``: the one task index of the whole batch when the
+        caller knows it (one router, no per-sample mask). Returns ``GateOutput`` with ``top_gates`` ``(B, k)``."""
         config = self.moecl_config[name]
         router = self.moecl_router[name]
         pooled = pool_tokens(x, config.routing_token, self.routing.attention_mask)  # (B, d)
-        rows = tasks.clamp_min(0)
-        if len(router) == 1:
-            w_gate, w_noise = router.w_gate[0], router.w_noise[0]
-        else:
-            gates_all, noise_all = router.stacked()
-            w_gate, w_noise = gates_all[rows], noise_all[rows]  # (B, d, E): each sample's task router
-        allowed = self._allowed_experts(name, config, len(router), x.device)
+        allowed = self._allowed_experts(name, config, len(router))
+        if uniform is not None or len(router) == 1:
+            task = max(uniform, 0) if uniform is not None else 0
+            w_gate, w_noise, router_index = router.w_gate[task], router.w_noise[task], None
+            mask = None if allowed is None else allowed[task]
+        else:  # a mixed batch: each sample its own task's router
+            router_index = tasks.clamp_min(0)
+            w_gate, w_noise = router.stacked()
+            mask = None if allowed is None else allowed.index_select(0, router_index)
         out = noisy_top_k_gating(
             pooled,
             w_gate,
@@ -269,21 +283,23 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
             config.top_k,
             training=self.training,
             noise_epsilon=config.noise_epsilon,
-            expert_mask=None if allowed is None else allowed[rows],
+            expert_mask=mask,
+            router_index=router_index,
         )
-        gates = out.gates * (tasks >= 0).unsqueeze(1).to(out.gates.dtype)
-        return out._replace(gates=gates)
+        if uniform is None:  # the batch may hold base-model samples: no expert output for them
+            out = out._replace(top_gates=out.top_gates * (tasks >= 0).unsqueeze(1).to(out.top_gates.dtype))
+        return out
 
-    def _mixture(self, name: str, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+    def _mixture(self, name: str, x: torch.Tensor, tasks: torch.Tensor, uniform: Optional[int] = None) -> torch.Tensor:
         config = self.moecl_config[name]
         pool = self.moecl_experts[name]
         x = self._cast_input_dtype(x, pool.down_weight[0].dtype)
-        gate = self.route(name, x, tasks)
+        gate = self.route(name, x, tasks, uniform)
         if self.training:
             self._record_training_stats(name, config, gate.gates, tasks)
         elif self.routing.count_routes:
             self._count_selected(name, config, gate.gates, tasks)
-        return pool(x, gate.gates, gate.top_indices, dispatch=config.dispatch, scale=config.scaling)
+        return pool(x, gate.top_gates, gate.top_indices, dispatch=config.dispatch, scale=config.scaling)
 
     def _open_task_rows(self, config, tasks: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool: samples routed to a task that is not ended (only those count and regularize)."""
@@ -331,10 +347,11 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         delta = None
         for name in adapters:
             routing.observe(name, x)
-            if isinstance(routing.requested, str) and routing.requested == BASE_MODEL_TASK:
-                continue  # the whole batch asked for the base model: skip the experts entirely
             tasks = routing.sample_tasks(name, x)
-            y = self._mixture(name, x, tasks)
+            uniform = routing.uniform_task(name)
+            if uniform == -1:
+                continue  # the whole batch asked for the base model: skip the experts entirely
+            y = self._mixture(name, x, tasks, uniform)
             delta = y if delta is None else delta + y
         if delta is None:
             return self.base_layer(*args, **kwargs)
