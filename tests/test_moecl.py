@@ -578,6 +578,32 @@ def test_llama_decoder_and_generate():
     assert _grad_state(model) == state and not model.base_model.model.training
 
 
+def test_generate_with_auto_picks_the_task_once_per_sequence():
+    config = MoECLConfig(num_experts=4, r=4, routing_token="last", init_weights=False, selector_hidden=4)
+    model = get_peft_model(_tiny_llama(), config)
+    with pytest.warns(UserWarning, match="without any training forward"):
+        model.add_task("t1")
+    model.eval()
+    prompts = {
+        t: torch.randint(1 + 30 * t, 20 + 30 * t, (16, 5), generator=torch.Generator().manual_seed(t)) for t in (0, 1)
+    }
+    for t, name in enumerate(model.tasks()):
+        model.fit_task_selector(name, [{"input_ids": prompts[t]}], epochs=200)
+    ids = torch.stack([prompts[0][0], prompts[1][0]])
+    chosen = model.predict_tasks({"input_ids": ids})
+    assert chosen == model.tasks()  # each prompt's own task
+    routing = model.base_model.routing
+    calls = []
+    select = routing.selector
+    routing.selector = lambda adapter, pooled: calls.append(pooled.shape) or select(adapter, pooled)
+    with torch.no_grad(), model.route("auto"):
+        auto = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert calls == [torch.Size([2, 16])]  # decided on the prompts only, not again on each new token
+    with torch.no_grad(), model.route(chosen):
+        named = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(auto, named)
+
+
 def test_decoder_with_first_token_routing_warns():
     with pytest.warns(UserWarning, match="routing_token='last'"):
         get_peft_model(_tiny_llama(), MoECLConfig(num_experts=2, r=2))

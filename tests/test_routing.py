@@ -69,6 +69,25 @@ def test_uniform_task_known_without_reading_the_tensor(requested, tasks, uniform
     assert state.uniform_task("default") is None  # a new forward: nothing resolved yet
 
 
+def test_continuing_forward_keeps_the_decisions_of_its_prompt():
+    state = RoutingState()
+    state.task_names["default"] = ["t0", "t1"]
+    state.active_task["default"] = "t1"
+    picks = iter([torch.tensor([0, -1]), torch.tensor([1, 1])])
+    state.selector = lambda adapter, pooled: next(picks)
+    state.requested = "auto"
+    state.start_forward(None)  # the prompt
+    assert state.sample_tasks("default", torch.zeros(2, 5, 8)).tolist() == [0, -1]
+    state.start_forward(None, continues=True)  # a decoding step on the cache
+    assert state.sample_tasks("default", torch.zeros(2, 1, 8)).tolist() == [0, -1]
+    state.requested = "t0"  # another request in a continuing forward: decided again
+    state.start_forward(None, continues=True)
+    assert state.sample_tasks("default", torch.zeros(2, 1, 8)).tolist() == [0, 0]
+    state.requested = "auto"
+    state.start_forward(None)  # a new prompt
+    assert state.sample_tasks("default", torch.zeros(2, 5, 8)).tolist() == [1, 1]
+
+
 @pytest.mark.parametrize("name", ["", "a.b", "none", "auto", 3])
 def test_reserved_or_invalid_task_names(name):
     with pytest.raises(ValueError, match="Invalid task name"):

@@ -394,8 +394,8 @@ class TaskSelectorMixin:
     def predict_tasks(self, batch: Mapping[str, Any], adapter_name: Optional[str] = None) -> list[Optional[str]]:
         """The selector's choice for each sample of ``batch`` (model inputs), ``None`` = base model.
 
-        Useful before ``generate()``: pick the task once from the prompt and route the whole generation with
-        ``model.route(...)`` (with ``task_ids="auto"`` every decoding step would decide again on its new token).
+        E.g. to see (or override) what ``with model.route("auto"): model.generate(...)`` will pick: there the
+        selector decides on the prompt and the decoding steps keep that task.
         """
         name = self._continual_adapter(adapter_name)
         features = self.collect_selector_features([batch], adapter_name=name)

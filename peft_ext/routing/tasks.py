@@ -11,7 +11,8 @@ Which task a forward uses:
 * default: the adapter's active task (the last one added, or :meth:`ContinualTunerMixin.set_task`);
 * ``model(**batch, task_ids=...)`` or ``with model.route(task_ids): ...``, where ``task_ids`` is one task name,
   a list with one entry per sample (``None`` or ``"none"``: the untouched base model for that sample), or
-  ``"auto"``: the task selector (DDAS) decides per sample. ``generate`` takes the context manager form.
+  ``"auto"``: the task selector (DDAS) decides per sample. ``generate`` takes the context manager form; its
+  decoding steps (forwards that continue a KV cache) keep the task decisions made on the prompt.
 
 The decision is resolved once per forward into a ``(batch,)`` tensor of task indices (``-1`` = base model) that
 every layer reads from the shared :class:`RoutingState`.
@@ -136,16 +137,24 @@ class RoutingState:
         self.selector: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None  # (adapter, x) -> (batch,)
         self._resolved: dict[str, torch.Tensor] = {}  # adapter -> (batch,) task indices, for this forward
         self._uniform: dict[str, Optional[int]] = {}  # adapter -> the one task index of the whole batch, if known
+        self._resolved_request: TaskIds = None  # the request the resolved decisions answer
         self.capture: Optional[list[torch.Tensor]] = None  # when a list: collect the first layer's input
         self.routing_token: dict[str, str] = {}
         self.count_routes = False  # True: layers count the selected experts in eval mode too (MoE-CL's recount)
         self._captured_this_forward = False
 
-    def start_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
+    def start_forward(self, attention_mask: Optional[torch.Tensor], continues: bool = False) -> None:
+        """Reset the per-forward decisions. ``continues``: the forward extends the sequences of the previous one
+        (a decoding step of ``generate`` on a KV cache); the task decisions made on the prompt then stay, as long
+        as the request is the same -- so ``task_ids="auto"`` picks a task once per generated sequence, not once
+        per new token."""
         self.attention_mask = attention_mask
+        self._captured_this_forward = False
+        if continues and self._resolved and _same_request(self.requested, self._resolved_request):
+            return
         self._resolved = {}
         self._uniform = {}
-        self._captured_this_forward = False
+        self._resolved_request = self.requested
 
     def task_index(self, adapter_name: str, task_name: str) -> int:
         names = self.task_names.get(adapter_name, [])
@@ -208,6 +217,22 @@ class RoutingState:
         return self._uniform.get(adapter_name)
 
 
+def _same_request(a: TaskIds, b: TaskIds) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
+        return a == b
+    return list(a) == list(b)
+
+
+def continues_cached_sequence(forward_kwargs: dict) -> bool:
+    """True when a forward extends sequences held in a non-empty KV cache (a decoding step of ``generate``)."""
+    # transformers 5 passes the cache as `cache` (`past_key_values` before, still accepted)
+    past = forward_kwargs.get("cache", forward_kwargs.get("past_key_values"))
+    seq_length = getattr(past, "get_seq_length", None)
+    return bool(seq_length is not None and seq_length() > 0)
+
+
 class _RoutingHooks:
     """Hooks on the wrapped model: take ``task_ids`` out of the forward kwargs (the model itself does not accept
     it) and reset the per-forward routing. A class rather than closures so the model stays picklable."""
@@ -223,7 +248,7 @@ class _RoutingHooks:
             self.previous = self.routing.requested
             self.routing.requested = kwargs.pop("task_ids")
             self.from_kwarg = True
-        self.routing.start_forward(kwargs.get("attention_mask"))
+        self.routing.start_forward(kwargs.get("attention_mask"), continues=continues_cached_sequence(kwargs))
         return args, kwargs
 
     def post_forward(self, module: nn.Module, args, kwargs, output):

@@ -78,7 +78,8 @@ class MoECLConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             The tasks of this adapter, in training order (see `ContinualConfigMixin`).
         routing_token (`str`):
             Token whose features route a sample and feed the task selector: `"first"` (CLS; encoders), `"mean"` or
-            `"last"` (decoder LMs).
+            `"last"` (decoder LMs). In `generate`, the task stays the one picked on the prompt while the experts are
+            routed again at each decoding step, from its new token (the prompt's tokens keep their cached route).
         ended_tasks (`list[str]`):
             Tasks finished with `end_task` (bookkeeping): their routers are frozen.
     """
