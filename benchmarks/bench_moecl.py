@@ -17,6 +17,9 @@ experts beside every block's MLP (BertOutput, residual mode). Compared side by s
 * ``LoRA``:   a LoRA of the same r = 64, unmerged, on PEFT's default BERT targets (query, value) -- the same
   adapter FLOPs per token as a top-2 pool (2 x 2 x 384 x 64 per block).
 
+A second table times the forward after 10 tasks (routers and frozen experts as a continual run leaves them,
+finished tasks isolated): the whole batch on one task, and a batch that mixes all ten tasks sample by sample.
+
 Timings are the best of repeated runs, measured round-robin so that machine noise hits every variant alike.
 DDAS overhead: 10 fitted tasks, ``task_ids="auto"``; reported as the selector's own compute (pooled features ->
 10 autoencoders) over the forward time, and end to end (auto forward vs. a forward with a given task id).
@@ -173,6 +176,54 @@ def dispatch_table(base, quick: bool) -> None:
     )
 
 
+def _ten_task_model(base, num_tasks: int = 10):
+    """A 10-task MoE-CL model as a continual run leaves it: each task's router trained (here: random), its top-2
+    experts frozen at its end, finished tasks isolated to the experts frozen for them."""
+    from peft import get_peft_model
+
+    from peft_ext import MoECLConfig
+
+    cfg = MoECLConfig(num_experts=22, r=64, top_k=2, freeze_top_k=2, isolate_finished_tasks=True, init_weights=False)
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    torch.manual_seed(0)
+    counting = _inputs(8, base.config.vocab_size, seed=3)
+    for t in range(num_tasks):
+        if t:
+            model.add_task(f"task{t}")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if f"w_gate.{t}" in name:
+                    p.normal_(0.0, 0.5)
+        model.end_task(batches=[counting])
+    return model.eval()
+
+
+def continual_table(base, quick: bool) -> None:
+    """Forward cost after 10 tasks: the whole batch on one task (one router), and a batch mixing all ten tasks
+    (each sample its own router and isolation mask)."""
+    model = _ten_task_model(base)
+    lora = _lora(base).eval()
+    tasks = model.peft_config["default"].task_names
+    print("\n== After 10 tasks (isolated): forward with task ids, times in ms ==")
+    print(f"{'batch':>5} {'one task':>10} {'mixed':>10} {'LoRA':>10} | {'one/LoRA':>9} {'mixed/LoRA':>11}")
+    for batch in BATCHES:
+        inputs = _inputs(batch, base.config.vocab_size)
+        mixed = [tasks[i % len(tasks)] for i in range(batch)]
+        reps = (3 if quick else 6) if batch < 64 else (2 if quick else 3)
+        best = _best_of(
+            {
+                "one": _forward_fn(model, inputs, task_ids=tasks[3]),
+                "mixed": _forward_fn(model, inputs, task_ids=mixed),
+                "LoRA": _forward_fn(lora, inputs),
+            },
+            reps,
+        )
+        print(
+            f"{batch:>5} {1000 * best['one']:>10.1f} {1000 * best['mixed']:>10.1f} {1000 * best['LoRA']:>10.1f} | "
+            f"{best['one'] / best['LoRA']:>9.2f} {best['mixed'] / best['LoRA']:>11.2f}"
+        )
+
+
 def ddas_overhead(base, quick: bool, num_tasks: int = 10, batch: int = 32) -> None:
     from peft_ext.routing.tasks import pool_tokens
 
@@ -298,6 +349,7 @@ def main() -> None:
     base = _load_base()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")
     dispatch_table(base, args.quick)
+    continual_table(base, args.quick)
     ddas_overhead(base, args.quick)
     parameter_table(base)
     paper_scale_count()
