@@ -386,6 +386,29 @@ def test_isolated_finished_task_never_changes(isolate):
     torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_isolation_masks_follow_freezing_and_loading():
+    model = tiny_peft(num_experts=4, freeze_top_k=1, isolate_finished_tasks=True, init_weights=False)
+    layer, config = layer_of(model), model.peft_config["task0"]
+    assert layer._allowed_experts("task0", config, 1) is None  # nothing ended: unrestricted
+    train_steps(model)
+    model.end_task()
+    pool = layer.moecl_experts["task0"]
+    first = pool.frozen_mask.clone()
+    assert torch.equal(layer._allowed_experts("task0", config, 1)[0], first)
+    model.add_task("task1")
+    train_steps(model, seed=2)
+    model.end_task()
+    allowed = layer._allowed_experts("task0", config, 2)
+    assert torch.equal(allowed[0], first)  # task0 keeps only its own frozen experts
+    assert torch.equal(allowed[1], pool.frozen_mask) and int(allowed[1].sum()) == 2
+    with torch.no_grad():  # as loading a checkpoint does: the buffer changes in place
+        pool.frozen_at.copy_(torch.tensor([-1, -1, 0, 1]))
+    assert layer._allowed_experts("task0", config, 2).tolist() == [
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
+
+
 def test_loading_for_training_keeps_frozen_experts_frozen(tmp_path):
     model = tiny_peft(num_experts=5)
     train_steps(model, steps=3)

@@ -247,7 +247,7 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         if not config.isolate_finished_tasks or not config.ended_tasks:
             return None
         frozen_at = self.moecl_experts[name].frozen_at
-        key = (tuple(config.ended_tasks), num_tasks, frozen_at._version, frozen_at.data_ptr())
+        key = (tuple(config.ended_tasks), num_tasks, frozen_at._version, frozen_at.data_ptr(), frozen_at.device)
         cached = self._allowed_cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
