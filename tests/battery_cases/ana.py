@@ -1,4 +1,4 @@
-"""AnA cases for PEFT's own test battery (../shared/tools/peft_battery/run tests/battery_cases/ana.py).
+"""AnA cases for PEFT's own test battery (``python -m tests.peft_battery.runner tests/battery_cases/ana.py``).
 
 Single-task cases are plain linear adapters and merge exactly, so PEFT's merge tests run and must pass for them.
 Multi-task cases (``task_names`` with several entries: the adapter is built with every task, the last one

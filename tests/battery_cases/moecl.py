@@ -1,4 +1,4 @@
-"""PEFT battery cases for MoE-CL (see ../shared/tools/peft_battery/README.md).
+"""PEFT battery cases for MoE-CL (see tests/peft_battery; table formats in tests/peft_battery/cases.py).
 
 The battery's models have no transformer blocks, so the experts run beside plain ``nn.Linear`` / ``Conv1D``
 modules (parallel mode: input = the module's input, output added to the module's output).

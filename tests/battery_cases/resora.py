@@ -1,4 +1,4 @@
-"""PEFT battery cases for ReSoRA (see ../shared/tools/peft_battery/README.md)."""
+"""PEFT battery cases for ReSoRA (see tests/peft_battery; table formats in tests/peft_battery/cases.py)."""
 
 from peft_ext import ReSoRAConfig
 
