@@ -4,12 +4,17 @@ PEFT knows its methods through the :class:`peft.PeftType` enum and four mappings
 :func:`peft.utils.register_peft_method`. A plugin therefore has to (1) add a member to a ``str`` enum after the
 class was built, and (2) register its config/tuner classes once. Both steps live here, in one place, and are
 idempotent: importing :mod:`peft_ext` twice or calling :func:`importlib.reload` on it changes nothing.
+
+The few places where peft-ext turns an obscure error of PEFT's loaders into a one-line one (unknown or absent
+``peft_type``, an adapter folder without its weights file) live here too: :func:`install_peft_type_check`,
+:func:`install_weights_file_check`.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import os
 
 from peft import PeftType
 from peft.mapping import (
@@ -17,7 +22,7 @@ from peft.mapping import (
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
-from peft.utils import register_peft_method
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, register_peft_method
 
 
 # name -> prefix of every method this package provides; prefixes must not collide with each other or with PEFT's.
@@ -74,6 +79,7 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     if getattr(model_cls, "prefix", prefix) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, expected {prefix!r}.")
     install_peft_type_check()
+    install_weights_file_check()
     peft_type = extend_peft_type(name.upper())
     _check_prefix_is_unique(name, prefix)
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
@@ -100,13 +106,15 @@ def check_peft_type(peft_type, source: str) -> None:
 
 
 def install_peft_type_check() -> None:
-    """Make loading an adapter with an unknown ``peft_type`` fail with a one-line ``ValueError``.
+    """Make loading an adapter with an unknown or absent ``peft_type`` fail with a one-line ``ValueError``.
 
     PEFT looks the type read from ``adapter_config.json`` up in a plain dict, so a misspelled or unregistered type
-    surfaces as a bare ``KeyError: 'RESORAX'``. This wraps the two classmethods through which PEFT's loaders turn
-    that name into a class (``PeftConfigMixin._get_peft_type`` for ``PeftModel.from_pretrained``/``load_adapter``
-    and ``PeftConfigMixin.from_peft_type`` for ``PeftConfig.from_pretrained``) to validate it first. It is the only
-    change peft-ext makes to PEFT's behaviour; idempotent, and valid types pass through untouched.
+    surfaces as a bare ``KeyError: 'RESORAX'``, and a config without the entry as ``KeyError: 'peft_type'``. This
+    wraps the two classmethods through which PEFT's loaders turn that name into a class
+    (``PeftConfigMixin._get_peft_type`` for ``PeftModel.from_pretrained``/``load_adapter`` and
+    ``PeftConfigMixin.from_peft_type`` for ``PeftConfig.from_pretrained``) to validate it first. Together with
+    :func:`install_weights_file_check` these are the only changes peft-ext makes to PEFT's behaviour; idempotent,
+    and valid types pass through untouched.
     """
     from peft.config import PeftConfigMixin
 
@@ -117,7 +125,19 @@ def install_peft_type_check() -> None:
 
     @functools.wraps(get_type)
     def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
-        peft_type = get_type(cls, model_id, **hf_hub_download_kwargs)
+        try:
+            peft_type = get_type(cls, model_id, **hf_hub_download_kwargs)
+        except KeyError as err:
+            if err.args != ("peft_type",):
+                raise
+            # PEFT reads the file and indexes its dict with "peft_type"; nothing else there raises this KeyError
+            subfolder = hf_hub_download_kwargs.get("subfolder")
+            where = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+            raise ValueError(
+                f"Adapter at {where!r} has no 'peft_type' in its {CONFIG_NAME}, so PEFT cannot tell which method "
+                "saved it; use the adapter_config.json written by save_pretrained (it names the type, e.g. "
+                '"peft_type": "MOECL").'
+            ) from None
         check_peft_type(peft_type, f"Adapter at {model_id!r}")
         return peft_type
 
@@ -132,6 +152,51 @@ def install_peft_type_check() -> None:
     PeftConfigMixin.from_peft_type = classmethod(from_peft_type)
 
 
+def check_adapter_weights_file(model_id, subfolder: str | None = None) -> None:
+    """Raise a one-line ``ValueError`` naming the missing file if the local adapter folder ``model_id`` (or its
+    ``subfolder``) has an ``adapter_config.json`` but no weights file.
+
+    PEFT looks for the weights in a local folder first; when they are not there it takes the folder's *path* for a
+    Hub repository id, which fails with ``huggingface_hub``'s ``HFValidationError`` about the id, not about the file.
+    Hub ids and folders without a config are left to PEFT's own resolution and errors.
+    """
+    path = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return
+    if any(os.path.isfile(os.path.join(path, name)) for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        return
+    raise ValueError(
+        f"Adapter folder {path!r} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME}): the "
+        "adapter's weights are missing; copy the weights file saved with this config there (save_pretrained writes "
+        "both)."
+    )
+
+
+def install_weights_file_check() -> None:
+    """Make loading from a local adapter folder without its weights file fail with a one-line ``ValueError``
+    (:func:`check_adapter_weights_file`).
+
+    Wraps ``PeftModel.load_adapter``, through which ``PeftModel.from_pretrained`` (with or without ``config=``) and
+    :func:`peft_ext.hub.load_continual_run` read every adapter's weights. Idempotent; folders with weights and Hub
+    ids pass through untouched.
+    """
+    from peft import PeftModel
+
+    load = PeftModel.__dict__["load_adapter"]
+    if getattr(load, "_peft_ext_checked", False):
+        return
+
+    @functools.wraps(load)
+    def load_adapter(self, *args, **kwargs):
+        model_id = args[0] if args else kwargs.get("model_id")
+        if model_id is not None:
+            check_adapter_weights_file(model_id, kwargs.get("subfolder"))
+        return load(self, *args, **kwargs)
+
+    load_adapter._peft_ext_checked = True
+    PeftModel.load_adapter = load_adapter
+
+
 def registered_methods() -> dict[str, PeftType]:
     """The methods of this package that are registered with PEFT, by lower-case name."""
     return {n: PeftType[n.upper()] for n in METHOD_PREFIXES if n.upper() in PeftType.__members__}
@@ -140,8 +205,10 @@ def registered_methods() -> dict[str, PeftType]:
 __all__ = [
     "METHOD_PREFIXES",
     "extend_peft_type",
+    "check_adapter_weights_file",
     "check_peft_type",
     "install_peft_type_check",
+    "install_weights_file_check",
     "register_method",
     "registered_methods",
 ]

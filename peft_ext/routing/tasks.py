@@ -16,11 +16,19 @@ Which task a forward uses:
 
 The decision is resolved once per forward into a ``(batch,)`` tensor of task indices (``-1`` = base model) that
 every layer reads from the shared :class:`RoutingState`.
+
+Per-task tensors are saved by position (task index), and ``adapter_config.json`` names the task at each position.
+So that a config whose lists were cut or reordered cannot load with tasks dropped or swapped, the checkpoint also
+records the names, in order (:class:`TaskRecord`, checked on load); checkpoints without that record (written before
+it existed) load as they always did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -31,6 +39,25 @@ from torch import nn
 BASE_MODEL_TASK = "none"
 AUTO_TASK = "auto"
 TaskIds = Union[None, str, Sequence[Optional[str]]]
+# Config lists that name per-task tensors by position: `task_names` orders every layer's per-task state (AnA's
+# tasks, MoE-CL's routers), `selector_tasks` the task selector's autoencoders. A checkpoint records them.
+RECORDED_TASK_LISTS = ("task_names", "selector_tasks")
+
+
+def check_task_ids(task_ids) -> None:
+    """Raise a one-line ``TypeError`` unless ``task_ids`` has a form routing understands: None, a string (a task
+    name, ``"none"`` or ``"auto"``) or a collection with one entry per sample. The entries and names are checked
+    when the forward resolves them (:meth:`RoutingState.sample_tasks`)."""
+    if task_ids is None or isinstance(task_ids, str):
+        return
+    if isinstance(task_ids, Iterable) and not isinstance(task_ids, (bytes, bytearray)):
+        return
+    got = repr(task_ids)
+    got = got if len(got) <= 60 else got[:57] + "..."
+    raise TypeError(
+        f"task_ids takes a task name, a list of task names (one per sample; None or {BASE_MODEL_TASK!r} for the base "
+        f"model), {BASE_MODEL_TASK!r} or {AUTO_TASK!r}; got {got} ({type(task_ids).__name__})."
+    )
 
 
 @dataclass
@@ -73,11 +100,18 @@ class ContinualConfigMixin:
             raise ValueError(f"ended_tasks {unknown} are not in task_names {names}.")
 
 
+# A task name also names a PEFT adapter (no '.') and, for one-adapter-per-task runs, a folder inside the run's
+# output folder: so it is a plain identifier, never a path ('/', '..', a drive) nor a routing keyword.
+_TASK_NAME = re.compile(r"[^\W_][\w-]{0,63}")
+
+
 def check_task_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name or name in (BASE_MODEL_TASK, AUTO_TASK):
+    """Raise a one-line ``ValueError`` unless ``name`` is a safe task name: 1-64 letters, digits, ``_`` or ``-``,
+    starting with a letter or digit, other than the routing keywords ``none`` and ``auto``."""
+    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or name in (BASE_MODEL_TASK, AUTO_TASK):
         raise ValueError(
-            f"Invalid task name {name!r}: use a non-empty string without '.', other than "
-            f"{BASE_MODEL_TASK!r} and {AUTO_TASK!r} (reserved for routing)."
+            f"Invalid task name {name!r}: use 1-64 letters, digits, '_' or '-' (starting with a letter or digit), "
+            f"other than {BASE_MODEL_TASK!r} and {AUTO_TASK!r} (reserved for routing)."
         )
 
 
@@ -121,6 +155,60 @@ def pool_tokens(x: torch.Tensor, mode: str, attention_mask: Optional[torch.Tenso
         last = (mask.long() * positions).argmax(dim=1)
         return x[torch.arange(x.shape[0], device=x.device), last]
     raise ValueError(f"Unknown routing token mode {mode!r}.")
+
+
+class TaskRecord(nn.Module):
+    """The task lists of one adapter's config (:data:`RECORDED_TASK_LISTS`), saved with the adapter's tensors so
+    that a checkpoint names the tasks its per-task tensors belong to.
+
+    Buffer ``lists``: ``(n,)`` uint8, the UTF-8 JSON of ``{list name: task names}``. It is derived from the live
+    config and re-encoded whenever a state dict is taken, so ``add_task``, ``delete_task`` and ``fit_task_selector``
+    need no bookkeeping; loading never copies a checkpoint's record in (the tuner compares it with the config
+    instead, see :meth:`ContinualTunerMixin._remap_adapter_state_dict_for_load`), and a checkpoint without one is
+    not missing anything.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config  # the adapter's live config (a plain reference, not a module)
+        self._encoded = self.encode(config)
+        self.register_buffer("lists", self._as_tensor(self._encoded))
+
+    @staticmethod
+    def encode(config) -> bytes:
+        lists = {name: list(getattr(config, name)) for name in RECORDED_TASK_LISTS if hasattr(config, name)}
+        return json.dumps(lists, separators=(",", ":")).encode("utf-8")
+
+    @staticmethod
+    def _as_tensor(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    @classmethod
+    def current(cls, config, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The record of ``config`` as a ``(n,)`` uint8 tensor (on ``like``'s device unless that is meta)."""
+        tensor = cls._as_tensor(cls.encode(config))
+        if like is not None and like.device.type != "meta":
+            tensor = tensor.to(like.device)
+        return tensor
+
+    @staticmethod
+    def decode(tensor: torch.Tensor):
+        """A saved record back to ``{list name: task names}``; None if it is not JSON."""
+        try:
+            return json.loads(bytes(tensor.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        encoded = self.encode(self.config)
+        if encoded != self._encoded:  # the task lists changed since the last state dict
+            self._encoded = encoded
+            self.lists = self.current(self.config, like=self.lists)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # Derived from the config, never loaded: neither missing from an older checkpoint nor unexpected.
+        return
 
 
 class RoutingState:
@@ -244,6 +332,7 @@ class _RoutingHooks:
 
     def pre_forward(self, module: nn.Module, args, kwargs):
         if "task_ids" in kwargs:
+            check_task_ids(kwargs["task_ids"])  # before anything changes: the post hook runs after an error too
             kwargs = dict(kwargs)
             self.previous = self.routing.requested
             self.routing.requested = kwargs.pop("task_ids")
@@ -271,6 +360,12 @@ class ContinualTunerMixin:
         if "routing" not in self.__dict__:
             self.__dict__["routing"] = RoutingState()
 
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        # The unloaded model is the plain base model: nothing may take `task_ids` out of its forwards any more.
+        self._remove_routing_hook()
+        return model
+
     def _register_adapter_tasks(self, adapter_name: str) -> None:
         """Called after injection: make sure the adapter has at least one task and the routing state knows it."""
         config = self.peft_config[adapter_name]
@@ -280,6 +375,50 @@ class ContinualTunerMixin:
         self.routing.task_names[adapter_name] = config.task_names
         self.routing.routing_token[adapter_name] = config.routing_token
         self.routing.active_task.setdefault(adapter_name, config.task_names[-1])
+        param = next(self.model.parameters(), None)
+        record = TaskRecord(config)
+        self._task_record_store()[adapter_name] = record if param is None else record.to(param.device)
+
+    def _forget_adapter_tasks(self, adapter_name: str) -> None:
+        """Drop what :meth:`_register_adapter_tasks` kept for a deleted adapter."""
+        for table in (self.routing.task_names, self.routing.active_task, self.routing.routing_token):
+            table.pop(adapter_name, None)
+        store = self._modules.get(self._task_record_attr())
+        if store is not None and adapter_name in store:
+            del store[adapter_name]
+
+    # -- checkpoint: the task record --------------------------------------------------------------------------
+    @classmethod
+    def _task_record_attr(cls) -> str:
+        return f"{cls.prefix}task_record"
+
+    def _task_record_store(self) -> nn.ModuleDict:
+        """``{prefix}task_record``: one :class:`TaskRecord` per adapter on the tuner, saved by PEFT with the adapter
+        (``base_model.<prefix>task_record.lists`` in the checkpoint)."""
+        store = self._modules.get(self._task_record_attr())
+        if store is None:
+            store = nn.ModuleDict()
+            self.add_module(self._task_record_attr(), store)
+        return store
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Refuse a checkpoint whose recorded task lists differ from the config's (one-line
+        :class:`~peft_ext.tuners.checkpoint.AdapterCheckpointError`). A checkpoint without a record (written before
+        records existed) loads as before; either way the loaded state holds the config's record, so that it is
+        not reported missing."""
+        from ..tuners.checkpoint import check_task_record
+
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        name = f"{cls._task_record_attr()}.{adapter_name}"
+        for module_name, module in model.named_modules():
+            if isinstance(module, TaskRecord) and (module_name == name or module_name.endswith("." + name)):
+                key = f"{module_name}.lists"
+                if key in remapped:
+                    check_task_record(TaskRecord.decode(remapped[key]), config, adapter_name)
+                remapped[key] = TaskRecord.current(config, like=module.lists)
+                break
+        return remapped
 
     def _install_routing_hook(self) -> None:
         if getattr(self, "_routing_hook_handle", None) is not None:
@@ -289,6 +428,11 @@ class ContinualTunerMixin:
             self.model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True),
             self.model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True),
         )
+
+    def _remove_routing_hook(self) -> None:
+        for handle in getattr(self, "_routing_hook_handle", None) or ():
+            handle.remove()
+        self._routing_hook_handle = None
 
     # -- public API --------------------------------------------------------------------------------------
     def _continual_adapter(self, adapter_name: Optional[str]) -> str:
@@ -334,6 +478,7 @@ class ContinualTunerMixin:
     @contextlib.contextmanager
     def route(self, task_ids: TaskIds) -> Iterator[None]:
         """Context manager: forwards (and ``generate``) inside use ``task_ids`` (see the module docstring)."""
+        check_task_ids(task_ids)
         previous = self.routing.requested
         self.routing.requested = task_ids
         try:

@@ -281,7 +281,10 @@ class AnALayer(BaseTunerLayer):
             rows = (sample_tasks == task_index).nonzero(as_tuple=True)[0]
             x_rows = x.index_select(0, rows)
             y = self.task_output(adapter_name, task_index, x_rows.reshape(-1, x.shape[-1]))
-            out = out.index_put((rows,), y.view(*x_rows.shape[:-1], self.out_features))
+            # index_put needs one dtype, and under autocast a task's output has the autocast dtype (task 0's is
+            # float32: its float32 scale promotes it) while `out` has the adapter's (float32 then: the cast is exact,
+            # each sample keeps its task's own output).
+            out = out.index_put((rows,), y.view(*x_rows.shape[:-1], self.out_features).to(out.dtype))
         return out
 
     def _sample_tasks(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[int]]:

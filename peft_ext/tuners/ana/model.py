@@ -223,8 +223,7 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._delete_task_selector(adapter_name)
-        for table in (self.routing.task_names, self.routing.active_task, self.routing.routing_token):
-            table.pop(adapter_name, None)
+        self._forget_adapter_tasks(adapter_name)
 
     def task_parameter_count(self, task_name: str, adapter_name: Optional[str] = None) -> int:
         """The documented formula ``P(t)`` for task ``task_name``, summed over this adapter's layers."""

@@ -59,7 +59,31 @@ MOECL_TARGET_MODULES: dict[str, object] = {
 _DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2"}
 
 
-class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, RegularizedTunerMixin, BaseTuner):
+class _UnwrapBlocksMixin:
+    """``BaseTuner._replace_module`` for tuner layers that wrap whole blocks (``BertOutput``, ``LlamaMLP``).
+
+    Unloading puts every tuner layer's wrapped module back through ``_replace_module(parent, name, wrapped, layer)``,
+    whose default then re-binds ``wrapped.weight = wrapped.weight`` (it expects a layer without ``base_layer``): a
+    no-op for an ``nn.Linear``, an ``AttributeError`` for a block, which has no ``weight`` of its own. The wrapped
+    module is put back as it is instead (PEFT's ShadowPEFT, which wraps decoder blocks, does the same). Sits just
+    before ``BaseTuner`` in the bases, so the other mixins' ``_replace_module`` (the regularization cache) still run.
+    """
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, BaseTunerLayer) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+
+class MoECLModel(
+    CheckedCheckpointMixin,
+    TaskSelectorMixin,
+    ContinualTunerMixin,
+    RegularizedTunerMixin,
+    _UnwrapBlocksMixin,
+    BaseTuner,
+):
     """MoE-CL ("Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts Adapters", CVPR 2024).
 
     Design: one PEFT adapter is a whole continual learner. It holds, per adapted module, one shared
@@ -72,7 +96,8 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
     frozen by activate-freeze train; all other routers and frozen experts are frozen. After ``end_task`` of the
     last task nothing trains until ``add_task``.
 
-    Merging is refused (``ValueError``): the mixture depends on each sample's features.
+    Merging is refused (``ValueError``): the mixture depends on each sample's features. ``unload()`` gives the base
+    model back, every wrapped block in its place.
 
     Example:
         >>> import peft_ext
@@ -262,8 +287,7 @@ class MoECLModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin,
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._delete_task_selector(adapter_name)
-        for table in (self.routing.task_names, self.routing.active_task, self.routing.routing_token):
-            table.pop(adapter_name, None)
+        self._forget_adapter_tasks(adapter_name)
 
     # -- checkpoint keys --------------------------------------------------------------------------------------
     @classmethod
