@@ -242,3 +242,67 @@ def test_presets_as_method_config():
     assert default_method_config("moecl", "bert")["peft_type"] == "MOECL"
     assert default_method_config("lora", "bert") == {} and default_method_config("moecl", "t5") == {}
     assert get_strategy("ana", {}).first_config("first").task_names == ["first"]
+
+
+# -- first contact: a help that fits a screen, numbers checked, warnings the user can do nothing about silenced -------
+def test_help_fits_a_screen_and_lists_the_tools_own_options_first(capsys):
+    assert main(["continual", "--help"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert len(lines) <= 80, len(lines)
+    for option in ("--model", "--method", "--tasks", "--output-dir", "--epochs", "--batch-size", "--lr", "--seed",
+                   "--max-length", "--method-config", "--no-resume", "--overwrite", "--help-all"):  # fmt: skip
+        assert option in text, option
+    assert "default: None" not in text and "--gradient_accumulation_steps 2" in text
+    no_resume = next(line for line in lines if "--no-resume" in line)
+    assert "Start over" in no_resume
+    assert main(["continual", "--help-all"]) == 0
+    full = capsys.readouterr().out
+    assert "--gradient_accumulation_steps" in full and len(full.splitlines()) > 200
+    assert "(default: 42). (default: 42)" not in " ".join(full.split())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--epochs", "-1"], "--epochs must be a positive number, got -1.0."),
+        (["--epochs", "0"], "--epochs must be a positive number"),
+        (["--lr", "-0.1"], "--lr must be a positive number"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0."),
+        (["--max-length", "1"], "--max-length must be at least 2"),
+        (["--method-config", "moecl-nope"], "presets: ana-bert, "),
+    ],
+)
+def test_bad_numbers_and_presets_exit_2_with_one_line(tmp_path, model_dir, tasks_json, extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(fast(model_dir, tasks_json, tmp_path / "o", *extra))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no-config"])
+def test_a_bad_model_folder_says_so(tmp_path, tasks_json, kind, capsys):
+    model = tmp_path / "models" / "mine"
+    if kind == "file":
+        model.parent.mkdir()
+        model.write_text("x")
+    elif kind == "no-config":
+        model.mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        main(fast(model, tasks_json, tmp_path / "o"))
+    err = capsys.readouterr().err.strip()
+    expected = {"missing": "no such folder", "file": "is a file", "no-config": "has no config.json"}[kind]
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and f"--model {model}" in err and expected in err, err
+
+
+def test_a_run_prints_no_warning_the_user_cannot_act_on(tmp_path, model_dir, tasks_json):
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-m", "peft_ext.cli", *fast(model_dir, tasks_json, tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("is_gradient_checkpointing", "pin_memory"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]

@@ -244,7 +244,7 @@ def test_killed_run_resumes_to_the_same_matrix(tmp_path):
 
 def test_resume_refuses_a_different_run(tmp_path, tokenizer):
     run(tmp_path, tokenizer, names=["colors"], epochs=1)
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match=r"holds a different peft-ext run \(it differs in: seed\)"):
         run(tmp_path, tokenizer, names=["colors"], epochs=1, seed=1)
 
 

@@ -26,15 +26,20 @@ Output folder::
     DIR/accuracy_heatmap.png, accuracy_curves.png        plots of the matrix
     DIR/checkpoints/task-XX/                             per-task checkpoint (resume)
     DIR/trainer/task-XX/                                 the Trainer's output_dir while task XX trains
+    DIR/peft_ext_run.json, .peft_ext.lock                the run's fingerprint, and the lock held while it runs
+
+Which folders a run may use, what it refuses, and how checkpoints are found again: :mod:`.run_folder`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -45,25 +50,28 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .heads import TaskHeadClassifier
 from .metrics import compute_continual_metrics
 from .regularized import RegularizedTrainer
+from .run_folder import (
+    CURVES_FILE,
+    FINGERPRINT_VERSION,
+    HEATMAP_FILE,
+    METRICS_FILE,
+    RUN_STATE_FILE,
+    TRAINER_DIR,
+    ContinualRunError,
+    RunFolder,
+    atomic_write_text,
+    training_fingerprint,
+)
 from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy
 from .task_stream import Task, check_stream
 
 
 logger = logging.get_logger(__name__)
-
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.json"
-RUN_STATE_FILE = "run_state.json"
-
-
-class ContinualRunError(ValueError):
-    """A continual run cannot start or go on (e.g. the output folder holds a different run); one-line message."""
 
 
 @dataclass
@@ -89,6 +97,8 @@ class ContinualTrainingArguments(TrainingArguments):
         pooling (`str`): sentence pooling for the heads, ``mean`` or ``cls``.
         task_agnostic (`bool`): also evaluate with the task inferred from the input, where the method can.
         resume (`bool`): resume from the output folder's last finished task when it holds the same run.
+        overwrite (`bool`): use an output folder that holds another run or other files: the files a peft-ext run
+            writes there are replaced, nothing else is touched (without it such a folder is refused).
         plots (`bool`): write the heatmap and curve PNGs.
     """
 
@@ -111,6 +121,10 @@ class ContinualTrainingArguments(TrainingArguments):
     )
     task_agnostic: bool = field(default=True, metadata={"help": "Also evaluate with the task inferred from the input."})
     resume: bool = field(default=True, metadata={"help": "Resume an interrupted run found in the output folder."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Reuse an output folder holding another run or other files (replaces peft-ext's files)."},
+    )
     plots: bool = field(default=True, metadata={"help": "Write accuracy_heatmap.png and accuracy_curves.png."})
     # TrainingArguments fields with defaults suited to adapters on small task streams.
     output_dir: Optional[str] = field(default="outputs/continual", metadata={"help": "Output folder of the run."})
@@ -142,7 +156,17 @@ class ContinualTrainingArguments(TrainingArguments):
         if self.learning_rate is None:
             self.learning_rate = STRATEGIES[self.method].default_learning_rate
         if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
+            raise ValueError(f"--max-length must be at least 2, got {self.max_length}.")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:  # `not >` also refuses NaN
+            raise ValueError(f"--epochs must be a positive number, got {self.num_train_epochs}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--lr must be a positive number, got {self.learning_rate}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                flag = "--batch-size" if self.batch_size is not None else f"--{name}"
+                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}.")
+        if not _has_accelerator():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; without one torch warns every task
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # Launched as several processes (accelerate launch --multi_gpu / torchrun) on a machine without GPUs:
             # without use_cpu, accelerate would silently run each process alone instead of gloo DDP.
@@ -188,10 +212,13 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _quiet_peft_wrapping():
+    """PEFT 0.21 reads ``is_gradient_checkpointing``, deprecated in transformers 5, whenever it wraps a model: a
+    FutureWarning in every run that its user can do nothing about (PEFT's to fix)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _lower_triangle_full(matrix: Optional[list[list[Optional[float]]]]) -> bool:
@@ -215,8 +242,8 @@ class ContinualSchedule:
         tokenizer: the tokenizer of that encoder.
         method (`str`): registry name of the strategy (``lora``, ``resora``, ``ana``, ``moecl``).
         method_config (`dict`, *optional*): PEFT config options and strategy options.
-        max_length, pooling, task_agnostic, resume, plots: as in :class:`ContinualTrainingArguments` (taken from
-            ``args`` when it is one and the keyword is not given).
+        max_length, pooling, task_agnostic, resume, overwrite, plots: as in :class:`ContinualTrainingArguments`
+            (taken from ``args`` when it is one and the keyword is not given).
         callbacks (`list`, *optional*): ``TrainerCallback``s passed to every task's Trainer.
     """
 
@@ -232,6 +259,7 @@ class ContinualSchedule:
         pooling: Optional[str] = None,
         task_agnostic: Optional[bool] = None,
         resume: Optional[bool] = None,
+        overwrite: Optional[bool] = None,
         plots: Optional[bool] = None,
         callbacks: Optional[list] = None,
     ) -> None:
@@ -248,6 +276,7 @@ class ContinualSchedule:
         self.pooling = opt(pooling, "pooling", "mean")
         self.task_agnostic = opt(task_agnostic, "task_agnostic", True)
         self.resume = opt(resume, "resume", True)
+        self.overwrite = opt(overwrite, "overwrite", False)
         self.plots = opt(plots, "plots", True)
         self.callbacks = callbacks
         self.output_dir = Path(args.output_dir)
@@ -255,6 +284,7 @@ class ContinualSchedule:
         self.state = PartialState()
         self.collator = DataCollatorWithPadding(tokenizer)
         self.classifier: Optional[TaskHeadClassifier] = None
+        self.folder = RunFolder(self.output_dir, self._fingerprint(), [t.name for t in self.tasks])
 
     # -- data -------------------------------------------------------------------------------------------------
     def encode(self, task: Task, split: str) -> Dataset:
@@ -316,64 +346,33 @@ class ContinualSchedule:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
+        """Everything the run's results depend on; a resume is refused when any of it changed."""
         model = (
             self.model_source
             if isinstance(self.model_source, str)
             else getattr(self.model_source, "__name__", "callable")
         )
         return {
+            "version": FINGERPRINT_VERSION,
             "method": self.method,
-            "method_config": self.method_config,
-            "tasks": [t.name for t in self.tasks],
-            "seed": int(self.args.seed),
+            "method_config": json.loads(json.dumps(self.method_config, sort_keys=True, default=str)),
             "model": model,
+            "run": {
+                "max_length": self.max_length,
+                "pooling": self.pooling,
+                "task_agnostic": bool(self.task_agnostic),
+                "processes": self.state.num_processes,
+            },
+            "training": training_fingerprint(self.args.to_dict()),
+            "tasks": [t.fingerprint() for t in self.tasks],
         }
-
-    def _checkpoint_dir(self, index: int) -> Path:
-        return self.output_dir / "checkpoints" / f"task-{index:02d}"
-
-    def _find_resume_point(self) -> Optional[dict[str, Any]]:
-        root = self.output_dir / "checkpoints"
-        if not root.is_dir():
-            return None
-        states = []
-        for path in sorted(root.glob("task-*")):
-            state_file = path / STATE_FILE
-            if state_file.is_file():
-                state = json.loads(state_file.read_text(encoding="utf-8"))
-                if state.get("complete"):
-                    states.append((state["index"], path, state))
-        if not states:
-            return None
-        index, path, state = max(states, key=lambda s: s[0])
-        if state["fingerprint"] != self._fingerprint():
-            raise ContinualRunError(
-                f"{self.output_dir} holds checkpoints of a different run ({state['fingerprint']}); use another "
-                "--output-dir or pass --resume false."
-            )
-        state["path"] = path
-        return state
 
     def _save_checkpoint(self, index: int, payload: dict[str, Any]) -> None:
         """Main process only: adapters + heads + state into a temporary folder, renamed when complete."""
-        final = self._checkpoint_dir(index)
-        tmp = final.with_name(final.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = self.folder.begin_checkpoint(index)
         self.strategy.save(self.classifier.encoder, tmp)
         self.classifier.save_heads(tmp)
-        state = {
-            "index": index,
-            "task": self.tasks[index].name,
-            "complete": True,
-            "fingerprint": self._fingerprint(),
-            **payload,
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        self.folder.commit_checkpoint(index, tmp, payload)
 
     # -- the run ----------------------------------------------------------------------------------------------
     def _base_model(self) -> PreTrainedModel:
@@ -384,7 +383,7 @@ class ContinualSchedule:
 
     def _task_args(self, index: int) -> TrainingArguments:
         changes = {
-            "output_dir": str(self.output_dir / "trainer" / f"task-{index:02d}"),
+            "output_dir": str(self.folder.trainer_dir(index)),
             "seed": int(self.args.seed) + index,
         }
         if self.state.num_processes > 1 and self.args.ddp_find_unused_parameters is None:
@@ -395,6 +394,39 @@ class ContinualSchedule:
         return TrainingArguments(**base)
 
     def run(self) -> ContinualResult:
+        """Train every task not trained yet, evaluate, checkpoint; write the outputs. The output folder is claimed
+        first (:mod:`.run_folder`): a folder that cannot be used raises :class:`ContinualRunError` before any write.
+        """
+        try:
+            return self._run()
+        finally:
+            self.folder.release()
+
+    def _claim_folder(self) -> Optional[dict[str, Any]]:
+        """Claim the output folder (the main process decides, locks and writes; the others follow its decision) and
+        return the state of the checkpoint to resume from, or None."""
+        decision = error = None
+        if self.state.is_main_process:
+            try:
+                decision = self.folder.inspect(resume=self.resume, overwrite=self.overwrite)
+                self.folder.claim(decision)
+            except ContinualRunError as err:
+                error = str(err)
+        if self.state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            decision, error = broadcast_object_list([decision, error])  # the others stop with the main process
+        if error is not None:
+            raise ContinualRunError(error)
+        resume = self.folder.last_checkpoint() if decision == "resume" else None
+        if self.state.is_main_process:
+            for stale in (METRICS_FILE, RUN_STATE_FILE):
+                (self.output_dir / stale).unlink(missing_ok=True)  # a run is not complete until it ends
+            self.folder.drop_stale(None if resume is None else resume["index"])
+        self.state.wait_for_everyone()
+        return resume
+
+    def _run(self) -> ContinualResult:
         n = len(self.tasks)
         names = [t.name for t in self.tasks]
         main = self.state.is_main_process
@@ -403,30 +435,15 @@ class ContinualSchedule:
         trainable_names: set[str] = set()
         task_seconds: list[float] = []
 
-        resume = self._find_resume_point() if self.resume else None
-        if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for stale in (METRICS_FILE, RUN_STATE_FILE):
-                if (self.output_dir / stale).exists():
-                    (self.output_dir / stale).unlink()  # a new or resumed run is not complete until it ends
-            if not self.resume and (self.output_dir / "checkpoints").exists():
-                shutil.rmtree(self.output_dir / "checkpoints")
-            # The Trainer's mid-task checkpoints may only be resumed by the same run.
-            trainer_dir, fingerprint = self.output_dir / "trainer", json.dumps(self._fingerprint(), sort_keys=True)
-            stamp = trainer_dir / "run.json"
-            if trainer_dir.exists() and (not self.resume or not stamp.is_file() or stamp.read_text() != fingerprint):
-                shutil.rmtree(trainer_dir)
-            trainer_dir.mkdir(exist_ok=True)
-            stamp.write_text(fingerprint)
-        self.state.wait_for_everyone()
-
+        resume = self._claim_folder()
         base = self._base_model()
         peft_model = None
         start = 0
         if resume is not None:
             start = resume["index"] + 1
             done = names[:start]
-            peft_model = self.strategy.load(base, resume["path"], done)
+            with _quiet_peft_wrapping():
+                peft_model = self.strategy.load(base, resume["path"], done)
             self.classifier = TaskHeadClassifier(peft_model, base.config.hidden_size, self.pooling)
             self.classifier.load_heads(resume["path"])
             accuracy = resume["accuracy"]
@@ -448,7 +465,8 @@ class ContinualSchedule:
             bar.set_postfix_str(task.name)
             set_seed(int(self.args.seed) + index)
             if peft_model is None:
-                peft_model = self.strategy.start(base, task.name)
+                with _quiet_peft_wrapping():
+                    peft_model = self.strategy.start(base, task.name)
                 self.classifier = TaskHeadClassifier(peft_model, base.config.hidden_size, self.pooling)
             else:
                 self.strategy.begin_task(peft_model, task.name, index)
@@ -464,7 +482,7 @@ class ContinualSchedule:
                 data_collator=self.collator,
                 callbacks=self.callbacks,
             )
-            inner = get_last_checkpoint(task_args.output_dir) if os.path.isdir(task_args.output_dir) else None
+            inner = self.folder.last_trainer_checkpoint(index)
             t0 = time.perf_counter()
             trainer.train(resume_from_checkpoint=inner)
             self.strategy.end_task(peft_model, task.name, self._input_batches(task))
@@ -496,7 +514,7 @@ class ContinualSchedule:
                 )
                 shutil.rmtree(task_args.output_dir, ignore_errors=True)  # superseded by the task checkpoint
                 if index == n - 1:
-                    shutil.rmtree(self.output_dir / "trainer", ignore_errors=True)
+                    shutil.rmtree(self.output_dir / TRAINER_DIR, ignore_errors=True)
             self.state.wait_for_everyone()
             bar.update(1)
         bar.close()
@@ -527,17 +545,18 @@ class ContinualSchedule:
         if self.plots:
             from .plots import plot_accuracy_curves, plot_accuracy_heatmap
 
-            plot_accuracy_heatmap(result.accuracy, result.tasks, out / "accuracy_heatmap.png", title=result.method)
-            plot_accuracy_curves(result.accuracy, result.tasks, out / "accuracy_curves.png", title=result.method)
+            plot_accuracy_heatmap(result.accuracy, result.tasks, out / HEATMAP_FILE, title=result.method)
+            plot_accuracy_curves(result.accuracy, result.tasks, out / CURVES_FILE, title=result.method)
         run_state = {
-            "fingerprint": self._fingerprint(),
+            "fingerprint": self.folder.fingerprint,
             "scores": result.scores,
             "scores_task_agnostic": result.scores_task_agnostic,
             "task_seconds": result.task_seconds,
             "labels": {t.name: t.labels for t in self.tasks},
         }
-        _atomic_write_text(out / RUN_STATE_FILE, json.dumps(run_state, indent=2) + "\n")
-        _atomic_write_text(out / METRICS_FILE, json.dumps(result.to_metrics(), indent=2) + "\n")  # last: marks done
+        atomic_write_text(out / RUN_STATE_FILE, json.dumps(run_state, indent=2) + "\n")
+        metrics = result.to_metrics()
+        atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")  # last: marks done
 
 
 def format_summary(result: ContinualResult) -> str:

@@ -12,14 +12,22 @@ accumulation steps *unless* that loss is already normalized over the whole accum
 per-forward mean, so it is added here as ``reg`` in the first case and as ``reg / accumulation_steps`` in the second:
 either way each optimizer step sees the mean of the micro-batches' terms, and the weight of the regularizer does
 not change with ``gradient_accumulation_steps``.
+
+Resuming. ``Trainer`` draws each epoch's sample order from the global RNG as the epoch starts; a checkpoint saved
+in the middle of epoch ``e`` keeps the RNG state of that step, not of the epoch's start, so a run resumed there used
+to see another order for the rest of epoch ``e`` than the run it continues. Here the order of epoch ``e`` is drawn
+from a generator seeded with ``(seed, e)`` alone (:class:`EpochSeededSampler`), so a resumed run trains on exactly
+the batches an uninterrupted one does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.utils import logging
 
@@ -41,6 +49,23 @@ def regularization_loss_of(model: nn.Module) -> Optional[torch.Tensor]:
     return getter() if callable(getter) else None
 
 
+class EpochSeededSampler(Sampler):
+    """``sampler``'s order for epoch ``e`` drawn with the global RNG seeded to ``seed + e`` (restored afterwards, so
+    drawing an order consumes no randomness of training). ``epoch`` tells the epoch about to start."""
+
+    def __init__(self, sampler: Sampler, seed: int, epoch: Callable[[], int]) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + self.epoch())
+            order = list(self.sampler)
+        return iter(order)
+
+
 class RegularizedTrainer(Trainer):
     """``Trainer`` whose loss is ``task loss + model.get_regularization_loss()``.
 
@@ -53,6 +78,13 @@ class RegularizedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._reg_sum = 0.0
         self._reg_count = 0
+
+    def _get_train_sampler(self, *args, **kwargs):
+        sampler = super()._get_train_sampler(*args, **kwargs)
+        if sampler is None or isinstance(sampler, EpochSeededSampler):
+            return sampler
+        # The Trainer state's epoch is the epoch about to start (a resumed state holds e + the fraction done).
+        return EpochSeededSampler(sampler, self.args.seed, lambda: math.floor((self.state.epoch or 0) + 1e-6))
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         # Mirrors Trainer.training_step's own decision (public attributes only).
@@ -89,4 +121,4 @@ class RegularizedTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["RegularizedTrainer", "regularization_loss_of"]
+__all__ = ["EpochSeededSampler", "RegularizedTrainer", "regularization_loss_of"]

@@ -62,12 +62,17 @@ def load_method_config(source: Optional[str]) -> dict[str, Any]:
         from peft_ext.hub_configs import list_presets, preset_dict
 
         if source not in list_presets():
-            raise FileNotFoundError(f"Method config not found: {source} (neither a JSON file nor a preset name).")
+            raise FileNotFoundError(
+                f"Method config not found: {source} is neither a JSON file nor a preset name; presets: "
+                f"{', '.join(list_presets())}."
+            )
         return preset_dict(source)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Method config {path} is not UTF-8 text (invalid byte at offset {err.start}).") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"Method config {path} is not valid JSON: {err}") from None
+        raise ValueError(f"Method config {path} is not valid JSON: {err.msg} (line {err.lineno}).") from None
     if not isinstance(data, dict):
         raise ValueError(f"Method config {path} must hold a JSON object.")
     return data

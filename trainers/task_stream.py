@@ -20,13 +20,25 @@ from datasets import Dataset
 
 from peft_ext.routing.tasks import check_task_name
 
+from .data_files import SUFFIXES, DataFileError, missing_value, read_data_file, value_string
+from .run_folder import data_digest
+
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TASK_KEYS = {"name", "train", "eval", "text_column", "label_column", "labels", "kind"}
 
 
 class TaskStreamError(ValueError):
     """Bad task-stream input (missing file, unknown column, empty task, ...); the message is one line."""
+
+
+def label_string(value: Any) -> Optional[str]:
+    """A label as the string that names its class (None for a missing or blank label). A float with an integral
+    value is the integer it stands for, so ``0``, ``0.0`` (a CSV or JSON column with a gap) and ``"0"`` are one
+    class."""
+    if missing_value(value) or (isinstance(value, str) and not value.strip()):
+        return None  # an empty cell (CSV writes a gap as "") is no class
+    return value_string(value)
 
 
 @dataclass
@@ -34,7 +46,8 @@ class Task:
     """One task of a stream.
 
     Args:
-        name (`str`): unique task name (no '.', not 'none'/'auto': it also names the task inside continual adapters).
+        name (`str`): unique task name: 1-64 letters, digits, '_' or '-', not 'none'/'auto' (it also names the task
+            inside continual adapters, and a folder inside the run's output folder).
         train (`datasets.Dataset`): training split with a text column and a label column.
         eval (`datasets.Dataset`): evaluation split, same columns; its labels must all occur in `train`.
         text_column (`str`): name of the text column. label_column (`str`): name of the label column.
@@ -65,15 +78,30 @@ class Task:
                     raise TaskStreamError(
                         f"Task {self.name!r}: unknown column {col!r} in the {split} split (columns: {ds.column_names})."
                     )
-        train_labels = sorted({str(v) for v in self.train[self.label_column]})
+            missing = [i for i, v in enumerate(ds[self.label_column]) if label_string(v) is None]
+            if missing:
+                raise TaskStreamError(
+                    f"Task {self.name!r}: {len(missing)} row(s) of the {split} split have no label (first: row "
+                    f"{missing[0]})."
+                )
+        train_labels = sorted({label_string(v) for v in self.train[self.label_column]})
         if not self.labels:
             self.labels = train_labels
         else:
-            self.labels = [str(v) for v in self.labels]
+            self.labels = [label_string(v) for v in self.labels]
+            if None in self.labels or len(set(self.labels)) != len(self.labels):
+                raise TaskStreamError(
+                    f"Task {self.name!r}: its label set {self.labels} has a missing or repeated label."
+                )
             extra = sorted(set(train_labels) - set(self.labels))
             if extra:
                 raise TaskStreamError(f"Task {self.name!r}: training labels {extra} are not in its label set.")
-        unseen = sorted({str(v) for v in self.eval[self.label_column]} - set(self.labels))
+        if len(train_labels) < 2:
+            raise TaskStreamError(
+                f"Task {self.name!r}: its train split has one label ({train_labels[0]!r}); a classification task "
+                "needs at least two."
+            )
+        unseen = sorted({label_string(v) for v in self.eval[self.label_column]} - set(self.labels))
         if unseen:
             raise TaskStreamError(f"Task {self.name!r}: eval labels {unseen} never occur in training.")
         for split, ds in (("train", self.train), ("eval", self.eval)):
@@ -82,7 +110,13 @@ class Task:
 
     def label_ids(self, values: Sequence[Any]) -> list[int]:
         index = {label: i for i, label in enumerate(self.labels)}
-        return [index[str(v)] for v in values]
+        return [index[label_string(v)] for v in values]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a run's results depend on in this task: its name, kind, label set and data (a digest)."""
+        columns = (self.text_column, self.label_column)
+        digest = data_digest(*(ds[c] for ds in (self.train, self.eval) for c in columns))
+        return {"name": self.name, "kind": "classification", "labels": list(self.labels), "data": digest}
 
 
 def check_stream(tasks: Sequence[Task]) -> list[Task]:
@@ -111,59 +145,75 @@ def _quiet_datasets():
 
 
 def load_split(source: Union[str, os.PathLike], base_dir: Optional[Path] = None) -> Dataset:
-    """A local data file (``.jsonl``/``.json``/``.csv``/``.parquet``, relative to ``base_dir``) or a hub dataset id
-    with an optional split (``"user/name:split"``, default ``train``)."""
+    """A local data file (``.jsonl``/``.json``/``.csv``/``.parquet``, relative to ``base_dir``), read in memory
+    (:mod:`.data_files`), or a hub dataset id with an optional split (``"user/name:split"``, default ``train``)."""
     text = str(source)
     path = Path(text)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    suffix = path.suffix.lower()
-    if suffix in LOCAL_BUILDERS or path.exists():
-        if not path.is_file():
-            raise TaskStreamError(f"Data file not found: {path}")
-        if suffix not in LOCAL_BUILDERS:
-            raise TaskStreamError(f"Unsupported data file {path}: use .jsonl, .json, .csv or .parquet.")
+    if path.suffix.lower() in SUFFIXES or path.exists():
         try:
-            with _quiet_datasets():
-                ds = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=str(path), split="train")
-        except Exception as err:  # datasets raises many types for malformed files
-            raise TaskStreamError(
-                f"Cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            ) from None
-        return ds
+            return read_data_file(path)
+        except DataFileError as err:
+            raise TaskStreamError(str(err)) from None
     name, _, split = text.partition(":")
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        with _quiet_datasets():
+            return datasets.load_dataset(name, split=split or "train")
     except Exception as err:
         raise TaskStreamError(
-            f"{text!r} is neither a local .jsonl/.json/.csv/.parquet file nor a loadable hub dataset "
-            f"({type(err).__name__})."
+            f"{text!r} is neither a local {'/'.join(SUFFIXES)} file nor a loadable hub dataset ({type(err).__name__})."
         ) from None
+
+
+def _check_entry(entry: Any, i: int, path: Path) -> dict[str, Any]:
+    """One ``TASKS.json`` entry, its keys and value types checked."""
+    if not isinstance(entry, dict) or not {"name", "train", "eval"} <= set(entry):
+        raise TaskStreamError(f"Task {i} in {path} needs 'name', 'train' and 'eval' keys.")
+    name = entry["name"]
+    try:
+        check_task_name(name)
+    except ValueError as err:
+        raise TaskStreamError(f"Task {i} in {path}: {err}") from None
+    unknown = sorted(set(entry) - TASK_KEYS, key=str)
+    if unknown:
+        raise TaskStreamError(f"Task {name!r} in {path} has unknown keys {unknown}.")
+    for key in ("train", "eval", "text_column", "label_column"):
+        if key in entry and (not isinstance(entry[key], str) or not entry[key]):
+            raise TaskStreamError(f"Task {name!r} in {path}: {key!r} must be a non-empty string.")
+    if "labels" in entry and not isinstance(entry["labels"], list):
+        raise TaskStreamError(f"Task {name!r} in {path}: 'labels' must be a list.")
+    if entry.get("kind", "classification") != "classification":
+        raise TaskStreamError(
+            f"Task {name!r} in {path}: kind {entry['kind']!r} is not supported; this version runs 'classification'."
+        )
+    return entry
 
 
 def load_task_stream(path: Union[str, os.PathLike]) -> list[Task]:
     """Read a ``TASKS.json`` file (relative data paths are resolved against its folder)."""
     path = Path(path)
+    if path.is_dir():
+        raise TaskStreamError(f"Task file {path} is a folder; name its TASKS.json file.")
     if not path.is_file():
         raise TaskStreamError(f"Task file not found: {path}")
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise TaskStreamError(f"Task file {path} is not UTF-8 text (invalid byte at offset {err.start}).") from None
     except json.JSONDecodeError as err:
-        raise TaskStreamError(f"{path} is not valid JSON: {err}") from None
+        raise TaskStreamError(f"Task file {path} is not valid JSON: {err.msg} (line {err.lineno}).") from None
+    except OSError as err:
+        raise TaskStreamError(f"Cannot read task file {path}: {err.strerror or err}.") from None
     if not isinstance(entries, list):
         raise TaskStreamError(f"{path} must hold a JSON list of tasks, got {type(entries).__name__}.")
-    names = [e.get("name") if isinstance(e, dict) else None for e in entries]
-    dupes = sorted({n for n in names if n is not None and names.count(n) > 1})
+    entries = [_check_entry(entry, i, path) for i, entry in enumerate(entries)]
+    names = [e["name"] for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise TaskStreamError(f"Duplicate task name {dupes[0]!r} in {path}.")
     tasks = []
-    allowed = {"name", "train", "eval", "text_column", "label_column", "labels"}
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not {"name", "train", "eval"} <= set(entry):
-            raise TaskStreamError(f"Task {i} in {path} needs 'name', 'train' and 'eval' keys.")
-        unknown = sorted(set(entry) - allowed)
-        if unknown:
-            raise TaskStreamError(f"Task {entry['name']!r} in {path} has unknown keys {unknown}.")
+    for entry in entries:
         tasks.append(
             Task(
                 name=entry["name"],
