@@ -14,7 +14,7 @@ tower; with a single ``route(task)`` around both towers that works the same way 
 
 Per task: ``add_task`` (after the first), train, ``end_task`` (activate-freeze), ``fit_task_selector`` on the task's
 training images; then every seen task is evaluated with its id and without it (the selector picks the task per
-image, or the zero-shot base model). The accuracy matrix goes to ``metrics.json`` (shared/API.md's schema) and the
+image, or the zero-shot base model). The accuracy matrix goes to ``metrics.json`` (docs/cli.md's schema) and the
 adapter to ``output_dir`` (``peft_ext.hub.push_continual_run_to_hub`` publishes it).
 
 ``--tasks`` is a JSON list of ``{"name", "dataset", "train_split", "eval_split", "image_column", "label_column"}`` with

@@ -1,4 +1,4 @@
-"""`peft-ext continual`: the command line of shared/API.md, its outputs, and one-line errors on bad input."""
+"""`peft-ext continual`: the command line of docs/cli.md, its outputs, and one-line errors on bad input."""
 
 import json
 import os

@@ -21,7 +21,7 @@ Output folder::
     DIR/adapter_model.safetensors, adapter_config.json   the adapters (PeftModel.from_pretrained(base, DIR);
                                                          one-adapter-per-task strategies: DIR/<task>/)
     DIR/heads.safetensors, heads.json                    the per-task heads and label sets
-    DIR/metrics.json                                     shared/API.md's schema; written last
+    DIR/metrics.json                                     docs/cli.md's schema; written last
     DIR/run_state.json                                   per-task details (train time, task identification, ...)
     DIR/accuracy_heatmap.png, accuracy_curves.png        plots of the matrix
     DIR/checkpoints/task-XX/                             per-task checkpoint (resume)
@@ -78,7 +78,7 @@ logger = logging.get_logger(__name__)
 class ContinualTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the continual run's own options (the ``peft-ext continual`` command line).
 
-    Every ``TrainingArguments`` option keeps its meaning; the short options of ``shared/API.md`` (``--epochs``,
+    Every ``TrainingArguments`` option keeps its meaning; the short options of ``docs/cli.md`` (``--epochs``,
     ``--batch-size``, ``--lr``) override their long ``TrainingArguments`` counterparts when given. Defaults differ
     from ``TrainingArguments`` where adapters need it (a per-method learning rate, no mid-task checkpoints, frequent
     logging).
@@ -176,7 +176,7 @@ class ContinualTrainingArguments(TrainingArguments):
 
 @dataclass
 class ContinualResult:
-    """What a run measured; :meth:`to_metrics` is ``metrics.json`` (``shared/API.md``), accuracies in [0, 1]."""
+    """What a run measured; :meth:`to_metrics` is ``metrics.json`` (``docs/cli.md``), accuracies in [0, 1]."""
 
     method: str
     tasks: list[str]

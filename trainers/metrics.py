@@ -2,7 +2,7 @@
 
 ``evaluate.load("accuracy")`` and friends download a script from the Hub; the continual metrics are instead a local
 module file (``continual_metrics.py`` beside this one) that ``evaluate.load`` imports from disk. Definitions: see
-that file and ``shared/API.md`` -- they work from the accuracy matrix alone.
+that file and ``docs/cli.md`` -- they work from the accuracy matrix alone.
 """
 
 from __future__ import annotations

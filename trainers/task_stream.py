@@ -1,7 +1,7 @@
 """Task streams: an ordered list of classification tasks, each with its own label set.
 
 A stream comes from Python (``Task(name, train=Dataset, eval=Dataset)``), from a ``TASKS.json`` file (see
-``shared/API.md``: a list of ``{"name", "train", "eval"}`` plus optional ``"text_column"``/``"label_column"``, with
+``docs/cli.md``: a list of ``{"name", "train", "eval"}`` plus optional ``"text_column"``/``"label_column"``, with
 local ``.jsonl``/``.json``/``.csv``/``.parquet`` files or hub dataset ids), or is the embedded default
 (:func:`default_task_stream`). Every problem with the input raises :class:`TaskStreamError` with a one-line message.
 """
