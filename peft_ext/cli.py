@@ -47,6 +47,7 @@ HELP_GROUPS = {
         "overwrite": "Use a folder holding another run or other files: replaces a run's files, nothing else.",
         "no_task_agnostic": "Skip the task-agnostic evaluation (the task inferred from each input).",
         "no_plots": "Write no PNG plots.",
+        "compare_with": "Also run this method on the same tasks (in DIR/compare-METHOD) and print both runs.",
     },
 }
 METAVARS = {"model": "PATH_OR_HUB_ID", "method_config": "PRESET_OR_JSON", "tasks": "TASKS.json", "output_dir": "DIR"}
@@ -122,6 +123,7 @@ def _continual(argv: Sequence[str]) -> int:
         format_summary,
         load_task_stream,
     )
+    from peft_ext.trainers.continual import comparison_args, format_comparison
     from peft_ext.trainers.strategies import default_method_config, load_method_config
 
     parser = _parser()
@@ -151,19 +153,33 @@ def _continual(argv: Sequence[str]) -> int:
             raise TaskStreamError(f"Cannot load model {model!r}: {str(err).splitlines()[0]}") from None
         # The shipped preset of this model family (e.g. moecl-bert), if any, under the user's --method-config keys.
         method_config = {**default_method_config(args.method, model_type), **load_method_config(args.method_config)}
-        schedule = ContinualSchedule(tasks, args, model=model, tokenizer=tokenizer, method_config=method_config)
+        schedules = [ContinualSchedule(tasks, args, model=model, tokenizer=tokenizer, method_config=method_config)]
+        if args.compare_with:
+            schedules.append(
+                ContinualSchedule(
+                    tasks,
+                    comparison_args(args),
+                    model=model,
+                    tokenizer=tokenizer,
+                    method_config=default_method_config(args.compare_with, model_type),
+                )
+            )
     except (TaskStreamError, ContinualRunError, FileNotFoundError, ValueError, ImportError) as err:
         _fail(err, 2)
 
-    try:
-        result = schedule.run()
-    except ContinualRunError as err:  # the output folder cannot be used: refused before anything is written
-        _fail(err, 2)
-    except (ValueError, NotImplementedError, OSError) as err:
-        _fail(f"{type(err).__name__}: {err}", 1)
-    if schedule.state.is_main_process:
-        print(format_summary(result))
-        print(f"wrote {schedule.output_dir / 'metrics.json'}")
+    results = []
+    for schedule in schedules:
+        try:
+            results.append(schedule.run())
+        except ContinualRunError as err:  # the output folder cannot be used: refused before anything is written
+            _fail(err, 2)
+        except (ValueError, NotImplementedError, OSError) as err:
+            _fail(f"{type(err).__name__}: {err}", 1)
+        if schedule.state.is_main_process:
+            print(format_summary(results[-1]))
+            print(f"wrote {schedule.output_dir / 'metrics.json'}\n")
+    if len(results) > 1 and schedules[0].state.is_main_process:
+        print(format_comparison(results))
     return 0
 
 

@@ -306,3 +306,23 @@ def test_a_run_prints_no_warning_the_user_cannot_act_on(tmp_path, model_dir, tas
     assert proc.returncode == 0, proc.stderr[-2000:]
     for noise in ("is_gradient_checkpointing", "pin_memory"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_compare_with_runs_the_baseline_inside_the_output_folder(tmp_path, model_dir, tasks_json, capsys):
+    out = tmp_path / "run"
+    assert main(fast(model_dir, tasks_json, out, "--method", "ana", "--compare-with", "lora")) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("Last (%)") - 60 :]
+    assert "ana" in table and "lora" in table and "task identification (%)" in table
+    main_run = json.loads((out / "metrics.json").read_text())
+    baseline = json.loads((out / "compare-lora" / "metrics.json").read_text())
+    assert (main_run["method"], baseline["method"]) == ("ana", "lora")
+    assert main_run["tasks"] == baseline["tasks"]
+    assert {p.name for p in tmp_path.iterdir()} == {"run"}
+    with pytest.raises(SystemExit) as exc:
+        main(fast(model_dir, tasks_json, out, "--method", "lora", "--compare-with", "lora"))
+    assert exc.value.code == 2 and "is the method of the run itself" in capsys.readouterr().err
+    # --overwrite replaces the compared run's folder too (a run's entry), and keeps the user's own files.
+    (out / "notes.txt").write_text("mine")
+    assert main(fast(model_dir, tasks_json, out, "--method", "moecl", "--overwrite", "true")) == 0
+    assert not (out / "compare-lora").exists() and (out / "notes.txt").read_text() == "mine"

@@ -45,7 +45,9 @@ HEATMAP_FILE = "accuracy_heatmap.png"
 CURVES_FILE = "accuracy_curves.png"
 FINGERPRINT_VERSION = 1
 
-# Everything a run writes at the top of its folder (besides one adapter folder per task for per-task strategies).
+# Everything a run writes at the top of its folder (besides one adapter folder per task for per-task strategies, and
+# the folders of the runs it is compared with, COMPARE_PREFIX + method).
+COMPARE_PREFIX = "compare-"
 RUN_ENTRIES = (
     MARKER_FILE,
     LOCK_FILE,
@@ -83,7 +85,7 @@ NOT_IN_FINGERPRINT = frozenset(
         "torch_empty_cache_steps", "restore_callback_states_from_checkpoint",
         # the continual options: file paths and switches whose effect is recorded elsewhere in the fingerprint
         "model", "method", "tasks", "method_config", "epochs", "batch_size", "lr", "max_length", "pooling",
-        "task_agnostic", "resume", "plots", "overwrite",
+        "task_agnostic", "resume", "plots", "overwrite", "compare_with",
     }
 )  # fmt: skip
 
@@ -249,6 +251,7 @@ class RunFolder:
         marker, _ = _read_json(self.path / MARKER_FILE)
         previous = marker.get("tasks", []) if isinstance(marker, dict) else []
         names = set(RUN_ENTRIES) | {t for t in list(previous) + self.task_names if isinstance(t, str)}
+        names |= {entry.name for entry in self.path.iterdir() if entry.name.startswith(COMPARE_PREFIX)}
         for name in sorted(names - {LOCK_FILE}):
             entry = self.path / name
             if os.path.dirname(name) or not entry.resolve().is_relative_to(self.path.resolve()):
@@ -373,6 +376,7 @@ def data_digest(*columns: Iterable[Any]) -> str:
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "COMPARE_PREFIX",
     "CURVES_FILE",
     "ContinualRunError",
     "FINGERPRINT_VERSION",
