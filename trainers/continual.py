@@ -383,6 +383,7 @@ class ContinualSchedule:
         """Main process only: adapters + heads + state into a temporary folder, renamed when complete."""
         tmp = self.folder.begin_checkpoint(index)
         self.strategy.save(self.classifier.encoder, tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty card template; the run's card is DIR/README.md
         self.classifier.save_heads(tmp)
         self.folder.commit_checkpoint(index, tmp, payload)
 

@@ -247,19 +247,11 @@ def _active_adapter(model: PeftModel, adapter: str) -> Iterator[None]:
         model.set_adapter(previous)
 
 
-def _peft_ext_config(name: str, package: str) -> type[PeftConfig]:
-    """A peft-ext config class (importing its package registers the method with PEFT)."""
-    import importlib
-
+def _peft_ext_config(name: str) -> type[PeftConfig]:
+    """A peft-ext config class (importing ``peft_ext`` registers its methods with PEFT)."""
     import peft_ext
 
-    cls = getattr(peft_ext, name, None)
-    if cls is None:
-        try:
-            cls = getattr(importlib.import_module(f"peft_ext.tuners.{package}"), name)
-        except (ImportError, AttributeError):
-            raise ImportError(f"Method {package!r} is not available in this peft-ext installation.") from None
-    return cls
+    return getattr(peft_ext, name)
 
 
 @register_strategy("lora")
@@ -276,7 +268,7 @@ class LoraStrategy(_LoraLikeStrategy):
 @register_strategy("resora")
 class ReSoRAStrategy(_LoraLikeStrategy):
     def config_class(self):
-        return _peft_ext_config("ReSoRAConfig", "resora")
+        return _peft_ext_config("ReSoRAConfig")
 
     def default_config(self):
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
@@ -325,7 +317,7 @@ class _RoutedStrategy(ContinualStrategy):
 @register_strategy("ana")
 class AnAStrategy(_RoutedStrategy):
     def config_class(self):
-        return _peft_ext_config("AnAConfig", "ana")
+        return _peft_ext_config("AnAConfig")
 
 
 @register_strategy("moecl")
@@ -337,7 +329,7 @@ class MoECLStrategy(_RoutedStrategy):
     default_learning_rate = 3e-2
 
     def config_class(self):
-        return _peft_ext_config("MoECLConfig", "moecl")
+        return _peft_ext_config("MoECLConfig")
 
     def end_task_kwargs(self, batches):
         return {"batches": batches} if self.settings["recount_routes"] else {}

@@ -551,13 +551,6 @@ class TaskSelectorMixin:
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
 
-def warn_if_selector_stale(config) -> None:
-    """Warn when some tasks of a config have no fitted autoencoder (``task_ids='auto'`` can never pick them)."""
-    missing = [t for t in config.task_names if t not in config.selector_tasks]
-    if config.selector_tasks and missing:
-        warnings.warn(f"Tasks {missing} have no fitted selector autoencoder; task_ids='auto' never routes to them.")
-
-
 __all__ = [
     "Autoencoder",
     "AutoencoderBank",
@@ -567,5 +560,4 @@ __all__ = [
     "TaskSelectorMixin",
     "fit_autoencoder",
     "squash",
-    "warn_if_selector_stale",
 ]

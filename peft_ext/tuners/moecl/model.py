@@ -113,7 +113,6 @@ class MoECLModel(
     prefix: str = "moecl_"
     tuner_layer_cls = MoECLLayer
     target_module_mapping = MOECL_TARGET_MODULES
-    uses_shared_state = True
 
     def __init__(self, model, config, adapter_name, *args, **kwargs) -> None:
         self._init_routing()
