@@ -175,7 +175,8 @@ class ReSoRALinear(nn.Module, ReSoRALayer):
             z = resora_A(h)
             result = result + resora_B(z) * self.scaling[name]
             if self.training and self.reg_weight[name] > 0 and self.regularizer[name] != "none":
-                # statistics over every token of the batch: z is (..., r) -> (N, r)
+                # statistics over the batch's tokens, z (..., r) -> (N, r); padding excluded when the forward's
+                # attention mask describes this input's (B, L) tokens
                 term = redundancy_terms(
                     self.regularizer[name],
                     z.reshape(-1, z.shape[-1]),
@@ -183,6 +184,7 @@ class ReSoRALinear(nn.Module, ReSoRALayer):
                     resora_B.weight,
                     self.num_subspaces[name],
                     self.reg_eps[name],
+                    mask=self.regularization_token_mask(x),
                 )
                 self.record_regularization(self.reg_weight[name] * term)
         return result.to(previous_dtype)
