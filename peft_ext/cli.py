@@ -105,9 +105,12 @@ def _parser():
     parser = _ContinualParser(ContinualTrainingArguments, prog="peft-ext continual")
     parser.formatter_class = _DefaultsOnceFormatter
     by_name = {action.option_strings[0].lstrip("-"): action for action in parser._actions if action.option_strings}
+    from peft_ext.trainers import available_methods
+
+    others = ", ".join(m for m in available_methods() if m != "lora")  # the registry's, plugins' strategies included
     for options in HELP_GROUPS.values():
         for name, text in options.items():
-            by_name[name].help = text
+            by_name[name].help = text.replace("resora, ana or moecl", others)
             if name in METAVARS and by_name[name].nargs is None:
                 by_name[name].metavar = METAVARS[name]
     return parser

@@ -108,7 +108,7 @@ class ContinualTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Encoder folder or hub id (default: embedded MiniLM)."}
     )
     method: str = field(
-        default="lora", metadata={"help": "PEFT method.", "choices": ["lora", "resora", "ana", "moecl"]}
+        default="lora", metadata={"help": "PEFT method: a name of the strategy registry (lora, resora, ana, moecl)."}
     )
     tasks: Optional[str] = field(default=None, metadata={"help": "TASKS.json (default: the embedded sequence)."})
     method_config: Optional[str] = field(
@@ -130,10 +130,7 @@ class ContinualTrainingArguments(TrainingArguments):
     plots: bool = field(default=True, metadata={"help": "Write accuracy_heatmap.png and accuracy_curves.png."})
     compare_with: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "Also run this method on the same tasks and print both.",
-            "choices": ["lora", "resora", "ana", "moecl"],
-        },
+        metadata={"help": "Also run this method on the same tasks and print both."},
     )
     # TrainingArguments fields with defaults suited to adapters on small task streams.
     output_dir: Optional[str] = field(default="outputs/continual", metadata={"help": "Output folder of the run."})
@@ -160,8 +157,11 @@ class ContinualTrainingArguments(TrainingArguments):
             self.per_device_eval_batch_size = self.batch_size
         if self.lr is not None:
             self.learning_rate = self.lr
-        if self.method not in available_methods():
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {available_methods()}.")
+        # Checked against the registry here rather than as argparse choices: a method registered later (a plugin's
+        # strategy) is a valid --method too.
+        for flag, name in (("--method", self.method), ("--compare-with", self.compare_with)):
+            if name is not None and name not in available_methods():
+                raise ValueError(f"{flag}: unknown method {name!r}; choose one of {', '.join(available_methods())}.")
         if self.compare_with is not None and self.compare_with == self.method:
             raise ValueError(f"--compare-with {self.compare_with} is the method of the run itself; name another one.")
         self.method_learning_rate = self.learning_rate is None  # the method's own rate, not the user's
