@@ -28,13 +28,53 @@ Three dispatch strategies compute the same function (tests check they agree):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 from torch import nn
 
 
 DISPATCH_MODES = ("gather", "dense", "loop")
+
+
+class ParameterCache:
+    """Values derived from parameters (stacks, products), rebuilt only when one of those parameters changes.
+
+    An entry is stored under a slot and is valid while every parameter it was built from has the same storage
+    pointer and version counter (bumped by every in-place change: optimizer steps, ``load_state_dict``, ``copy_``;
+    ``.to()`` and ``p.data = ...`` change the pointer) and the inference-mode flag is the same (a tensor made in
+    inference mode cannot enter an autograd graph). ``build`` runs under ``torch.no_grad()``: entries are constants.
+    At most ``max_entries`` slots are kept (least recently used dropped first); None: no limit.
+
+    Shared by :class:`ExpertPool` (its inference stack) and AnA (its stacked task paths).
+    """
+
+    def __init__(self, max_entries: Optional[int] = None) -> None:
+        self.max_entries = max_entries
+        self.entries: OrderedDict[Hashable, tuple[tuple, Any]] = OrderedDict()
+
+    @staticmethod
+    def key(params: Sequence[torch.Tensor]) -> tuple:
+        return (torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
+
+    def get(self, slot: Hashable, params: Sequence[torch.Tensor], build: Callable[[], Any]) -> Any:
+        key = self.key(params)
+        entry = self.entries.get(slot)
+        if entry is not None and entry[0] == key:
+            self.entries.move_to_end(slot)
+            return entry[1]
+        self.entries.pop(slot, None)  # drop the stale value before building the new one (peak memory)
+        with torch.no_grad():
+            value = build()
+        self.entries[slot] = (key, value)
+        if self.max_entries is not None:
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 class ExpertPool(nn.Module):
@@ -80,7 +120,7 @@ class ExpertPool(nn.Module):
         self.up_bias = nn.ParameterList([nn.Parameter(torch.zeros(out_features)) for _ in range(num_experts)])
         self.register_buffer("frozen_at", torch.full((num_experts,), -1, dtype=torch.long))
         self.reset_parameters(init_up_zero)
-        self.__dict__["_cache"] = None
+        self.__dict__["_cache"] = ParameterCache()
 
     @torch.no_grad()
     def reset_parameters(self, init_up_zero: bool = True) -> None:
@@ -143,7 +183,7 @@ class ExpertPool(nn.Module):
                     f"{self.num_experts}; load with a config whose num_experts matches the checkpoint."
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
-        self.__dict__["_cache"] = None
+        self._param_cache().clear()
 
     # -- stacked weights ----------------------------------------------------------------------------------------
     def _all_params(self) -> list[nn.Parameter]:
@@ -169,19 +209,21 @@ class ExpertPool(nn.Module):
         the whole pool, rebuilt only when a parameter's storage or version changes (optimizer steps, loading,
         ``.to()``).
         """
+        cache = self._param_cache()
         if torch.is_grad_enabled():
-            self.__dict__["_cache"] = None
+            cache.clear()
             return self._stack(experts)
-        params = self._all_params()
-        key = (torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
-        cache = self.__dict__.get("_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, self._stack())
-            self.__dict__["_cache"] = cache
+        pool = cache.get("pool", self._all_params(), self._stack)
         if experts is None:
-            return cache[1]
-        rows = torch.tensor(experts, device=cache[1][0].device)
-        return tuple(t.index_select(0, rows) for t in cache[1])
+            return pool
+        rows = torch.tensor(experts, device=pool[0].device)
+        return tuple(t.index_select(0, rows) for t in pool)
+
+    def _param_cache(self) -> ParameterCache:
+        cache = self.__dict__.get("_cache")
+        if cache is None:  # a module unpickled from before the cache existed
+            cache = self.__dict__["_cache"] = ParameterCache()
+        return cache
 
     def _stack(
         self, experts: Optional[list[int]] = None
@@ -200,7 +242,7 @@ class ExpertPool(nn.Module):
         return tuple(out)
 
     def _apply(self, fn, recurse=True):
-        self.__dict__["_cache"] = None
+        self._param_cache().clear()
         return super()._apply(fn, recurse)
 
     # -- forward ---------------------------------------------------------------------------------------------------

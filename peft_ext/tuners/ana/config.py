@@ -61,7 +61,19 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
         top_k (`Optional[int]`):
             Number of experts each token is routed to. ``None`` (default, as in the reference): all ``t + 1``
             experts (dense softmax gate). With ``top_k=1`` the chosen expert's gate is always 1, so the gate
-            weights get no gradient (only the noise decides): use ``None`` or ``>= 2``.
+            weights get no gradient (only the noise decides): use ``None`` or ``>= 2``. Every expert is still
+            computed (unselected ones with gate 0); ``gate_top_k`` is the same gate computing only the selected
+            experts.
+        gate_top_k (`Optional[int]`):
+            Sparse gate: per token only the ``k`` experts (paths) with the highest gate logits are computed, and their
+            gates are the softmax over those ``k`` logits (renormalized over the selected paths; the others
+            contribute nothing). The (token, path) pairs are grouped by path in blocks and each block gathers its
+            path's weights, so the projections cost about ``k`` rank-``r`` adapters whatever the number of tasks; on a
+            1-thread CPU the dispatch overhead (sort, gathers, small batched matmuls) still makes it slower than the
+            dense gate at 30 tasks (``benchmarks/bench_ana.py``). ``None`` (default): the dense gate, every path
+            computed. A task with at most ``gate_top_k`` paths (task ``t`` has ``t + 1``) uses all of them, which is
+            the dense gate. Positive integer; not together with ``top_k``. With ``gate_top_k=1`` the chosen path's gate is always 1 (the gate weights
+            get no gradient, as with ``top_k=1``).
         noisy_gating (`bool`):
             Add learned Gaussian noise ``N(0, 1) * softplus(x @ W_noise)`` to the gate logits while training
             (Shazeer et al.); the noise weights are trainable gate parameters. Never applied in eval mode.
@@ -116,6 +128,10 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     top_k: Optional[int] = field(
         default=None, metadata={"help": "Experts per token; None = all (dense gate, as in the reference)."}
     )
+    gate_top_k: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sparse gate: compute only the k best paths per token; None = dense gate (all paths)."},
+    )
     noisy_gating: bool = field(
         default=True, metadata={"help": "Learned gate noise while training (Shazeer's noisy gating)."}
     )
@@ -152,6 +168,11 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             raise ValueError(f"in_adapter_init must be one of {IN_ADAPTER_INITS}, got {self.in_adapter_init!r}.")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
             raise ValueError(f"top_k must be None or a positive integer, got {self.top_k!r}.")
+        if self.gate_top_k is not None:
+            if isinstance(self.gate_top_k, bool) or not isinstance(self.gate_top_k, int) or self.gate_top_k <= 0:
+                raise ValueError(f"gate_top_k must be None or a positive integer, got {self.gate_top_k!r}.")
+            if self.top_k is not None:
+                raise ValueError("Set either top_k (dense computation) or gate_top_k (sparse computation), not both.")
         check_layer_selection(self)
         self._validate_continual_fields()
         self._validate_selector_fields()

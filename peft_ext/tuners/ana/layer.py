@@ -19,8 +19,16 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...routing.gating import noisy_top_k_gating
+from ...routing.experts import ParameterCache
+from ...routing.gating import GateOutput, noisy_top_k_gating
 from .config import AnAConfig
+
+
+# Rows per block of the sparse gate's dispatch: each selected (token, path) pair is a row; rows are grouped by path
+# and padded to a multiple of this, so that one batched matmul over blocks evaluates every path on its own tokens.
+SPARSE_BLOCK_ROWS = 16
+# Tasks whose stacked paths a layer keeps cached (mixed batches use several tasks); least recently used dropped.
+STACK_CACHE_TASKS = 4
 
 
 def ana_task_parameter_count(in_features: int, out_features: int, r: int, task_index: int, noisy_gating: bool) -> int:
@@ -107,6 +115,8 @@ class AnALayer(BaseTunerLayer):
         # number of leading tasks that are frozen (every task but the last; all of them after end_task)
         self.ana_num_frozen: dict[str, int] = {}
         self.routing = None  # the tuner's RoutingState (plain reference, set by AnAModel)
+        # stacked task paths, rebuilt when a parameter they come from changes (see _task_paths)
+        self.__dict__["_ana_cache"] = ParameterCache(max_entries=2 * STACK_CACHE_TASKS)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -134,6 +144,7 @@ class AnALayer(BaseTunerLayer):
             "init_weights": config.init_weights,
             "noisy_gating": config.noisy_gating,
             "top_k": config.top_k,
+            "gate_top_k": getattr(config, "gate_top_k", None),
         }
         num_tasks = max(1, len(config.task_names))
         tasks = nn.ModuleList()
@@ -210,43 +221,158 @@ class AnALayer(BaseTunerLayer):
                 task.requires_grad_(False)
 
     # -- math ---------------------------------------------------------------------------------------------------
+    def _gate(self, adapter_name: str, task_index: int, x: torch.Tensor, k: int) -> GateOutput:
+        """Top-``k`` noisy gate of task ``t`` (``t >= 1``) over its ``t + 1`` paths for tokens ``x`` ``(N, d_in)``."""
+        task = self.ana_tasks[adapter_name][task_index]
+        return noisy_top_k_gating(x, task.gate, task.gate_noise, k, training=self.training)
+
     def task_gates(self, adapter_name: str, task_index: int, x: torch.Tensor) -> torch.Tensor:
         """Gate values ``(N, t + 1)`` (float32) of task ``t`` for tokens ``x`` ``(N, d_in)``."""
         task = self.ana_tasks[adapter_name][task_index]
         if task.gate is None:
             return x.new_ones(x.shape[0], 1, dtype=torch.float32)
-        top_k = self.ana_settings[adapter_name]["top_k"]
+        settings = self.ana_settings[adapter_name]
+        top_k = settings["top_k"] if settings.get("gate_top_k") is None else settings["gate_top_k"]
         num_experts = task_index + 1
         k = num_experts if top_k is None else min(top_k, num_experts)
-        return noisy_top_k_gating(x, task.gate, task.gate_noise, k, training=self.training).gates
+        return self._gate(adapter_name, task_index, x, k).gates
+
+    @staticmethod
+    def _stack_paths(experts: list[AnATask]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(D (E, r, d_in), a (E, r), U (E, r + 1, d_out))`` of experts' own projections, ``U_e`` being
+        ``s_e * [up_e.weight^T; up_e.bias]`` (the scale and the up bias folded into one matrix per path)."""
+        down = torch.stack([e.down.weight for e in experts])
+        down_b = torch.stack([e.down.bias for e in experts])
+        up = torch.stack([torch.cat([e.up.weight.t(), e.up.bias.unsqueeze(0)]) for e in experts])
+        scale = torch.cat([e.scale for e in experts])
+        return down, down_b, up * scale.view(-1, 1, 1).to(up.dtype)
+
+    @staticmethod
+    def _compose_paths(
+        stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_adapters: nn.ModuleList
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold the in-adapters into the earlier paths' down-projections: ``F_e^t(down_e(x)) = (W_F D_e) x +
+        (W_F a_e + b_F)``. Returns ``(W (E*r, d_in), b (E*r,), U (E, r + 1, d_out))``."""
+        down, down_b, up = stack
+        num_paths, r, d_in = down.shape
+        t = len(in_adapters)
+        if t:
+            w_in = torch.stack([f.weight for f in in_adapters])  # (t, r, r): out x in
+            b_in = torch.stack([f.bias for f in in_adapters])  # (t, r)
+            down = torch.cat([torch.bmm(w_in, down[:t]), down[t:]])
+            composed_b = torch.baddbmm(b_in.unsqueeze(-1), w_in, down_b[:t].unsqueeze(-1)).squeeze(-1)
+            down_b = torch.cat([composed_b, down_b[t:]])
+        return down.reshape(num_paths * r, d_in), down_b.reshape(num_paths * r), up
+
+    def _task_paths(self, adapter_name: str, task_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Task ``t``'s ``E = t + 1`` paths as stacked tensors ``(W (E*r, d_in), b (E*r,), U (E, r + 1, d_out))``:
+        path ``e`` is ``x -> [g_e * (W_e x + b_e), g_e] @ U_e`` for gate ``g_e``.
+
+        Built from the per-task parameters at forward time. Without gradients (or with every parameter frozen) the
+        result is cached and rebuilt only when one of its parameters changes (storage pointer or version, see
+        :class:`~peft_ext.routing.experts.ParameterCache`). While training, the leading frozen tasks' stack is
+        cached and the trainable tensors (the last task's adapter, its in-adapters) are stacked afresh each forward,
+        so they get their gradients and the frozen ones none.
+        """
+        # plain dict look-ups instead of nn.Module attribute access: this runs per layer and forward, for every path
+        experts = list(self.ana_tasks[adapter_name]._modules.values())[: task_index + 1]
+        expert_params = []
+        for e in experts:
+            down, up = e._modules["down"]._parameters, e._modules["up"]._parameters
+            expert_params.append([down["weight"], down["bias"], up["weight"], up["bias"], e._parameters["scale"]])
+        in_adapters = experts[-1]._modules["in_adapters"]
+        in_params = []
+        for f in in_adapters._modules.values():
+            in_params += (f._parameters["weight"], f._parameters["bias"])
+        cache = self.__dict__["_ana_cache"]
+        params = [p for ps in expert_params for p in ps] + in_params
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
+            return cache.get(
+                (adapter_name, task_index), params, lambda: self._compose_paths(self._stack_paths(experts), in_adapters)
+            )
+        frozen = 0
+        while frozen < len(experts) and not any(p.requires_grad for p in expert_params[frozen]):
+            frozen += 1
+        parts = []
+        if frozen:
+            params = [p for ps in expert_params[:frozen] for p in ps]
+            parts.append(
+                cache.get((adapter_name, "frozen", frozen), params, lambda: self._stack_paths(experts[:frozen]))
+            )
+        if frozen < len(experts):
+            parts.append(self._stack_paths(experts[frozen:]))
+        stack = parts[0] if len(parts) == 1 else tuple(torch.cat(pair) for pair in zip(*parts))
+        return self._compose_paths(stack, in_adapters)
 
     def task_output(self, adapter_name: str, task_index: int, x: torch.Tensor) -> torch.Tensor:
         """Adapter output of task ``t`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)`` (dtype of the adapter).
 
         ``sum_e g_e(x) * s_e * up_e(h_e)`` with ``h_e = F_e^t(down_e(x))`` for ``e < t`` and ``h_t = down_t(x)``,
-        computed with one matmul per projection: the experts' down weights are stacked to ``(E*r, d_in)``, the
-        in-adapters applied as a batched ``(t, r, r)`` product, and the gate-and-scale-weighted features multiply the
-        concatenated up weights ``(d_out, E*r)``.
+        as one computation over the ``E = t + 1`` paths (no loop over tasks): the in-adapters are folded into the
+        stacked down-projections ``(E*r, d_in)`` (one matmul for all paths), and the gate-weighted features times
+        the stacked, scale-folded up-projections (with their biases) ``(E*(r + 1), d_out)`` are a second matmul --
+        the cost of a LoRA of rank ``E*r`` plus the gate. With ``gate_top_k = k < E`` only the ``k`` selected paths
+        of each token are computed (:meth:`_sparse_paths`).
         """
         tasks = self.ana_tasks[adapter_name]
         task = tasks[task_index]
         if task_index == 0:
             return task.scale * task.up(task.down(x))
-        experts = list(tasks)[: task_index + 1]
-        r = self.ana_r[adapter_name]
-        num_experts = len(experts)
-        w_down = torch.cat([e.down.weight for e in experts], dim=0)  # (E*r, d_in)
-        b_down = torch.cat([e.down.bias for e in experts], dim=0)
-        h = F.linear(x, w_down, b_down).view(-1, num_experts, r)  # (N, E, r)
-        w_in = torch.stack([f.weight for f in task.in_adapters])  # (t, r, r): out x in
-        b_in = torch.stack([f.bias for f in task.in_adapters])  # (t, r)
-        h_in = torch.einsum("ntj,tij->nti", h[:, :-1], w_in) + b_in  # F_e^t(down_e(x)) for e < t
-        h = torch.cat([h_in, h[:, -1:]], dim=1)  # (N, E, r)
-        scales = torch.cat([e.scale for e in experts])  # (E,)
-        coef = self.task_gates(adapter_name, task_index, x).to(x.dtype) * scales  # (N, E)
-        w_up = torch.cat([e.up.weight for e in experts], dim=1)  # (d_out, E*r)
-        b_up = torch.stack([e.up.bias for e in experts])  # (E, d_out)
-        return F.linear((h * coef.unsqueeze(-1)).reshape(h.shape[0], -1), w_up) + coef @ b_up
+        num_paths = task_index + 1
+        settings = self.ana_settings[adapter_name]
+        gate_top_k = settings.get("gate_top_k")
+        w_down, b_down, up = self._task_paths(adapter_name, task_index)
+        if gate_top_k is not None and gate_top_k < num_paths:
+            gate = self._gate(adapter_name, task_index, x, gate_top_k)
+            return self._sparse_paths(x, w_down, b_down, up, gate.top_gates.to(x.dtype), gate.top_indices)
+        top_k = settings["top_k"]
+        k = num_paths if top_k is None else min(top_k, num_paths)
+        gates = self._gate(adapter_name, task_index, x, k).gates.to(x.dtype).unsqueeze(-1)  # (N, E, 1)
+        h = F.linear(x, w_down, b_down).view(x.shape[0], num_paths, -1)  # (N, E, r)
+        h = torch.cat([h * gates, gates], dim=-1)  # (N, E, r + 1): gated features and the gate (up bias)
+        return h.flatten(1) @ up.flatten(0, 1)
+
+    @staticmethod
+    def _sparse_paths(
+        x: torch.Tensor,
+        w_down: torch.Tensor,
+        b_down: torch.Tensor,
+        up: torch.Tensor,
+        top_gates: torch.Tensor,
+        top_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """``sum_j top_gates[n, j] * path_{top_indices[n, j]}(x_n)`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)``.
+
+        Each selected (token, path) pair is a row. Rows are sorted by path and each path's rows padded to a multiple
+        of ``SPARSE_BLOCK_ROWS``; every block then belongs to one path, whose weights are gathered per block (like
+        MoE-CL's gather dispatch), and two batched matmuls over the blocks evaluate all pairs. Padding rows have gate
+        0 and add an exact 0. Cost: ``N*k`` rank-``r`` rows plus at most ``E*(SPARSE_BLOCK_ROWS - 1)`` padding rows.
+        """
+        num_tokens, k = top_indices.shape
+        num_paths, r1, d_out = up.shape
+        r, d_in, block = r1 - 1, x.shape[-1], SPARSE_BLOCK_ROWS
+        device = x.device
+        pair_path = top_indices.reshape(-1)
+        order = torch.argsort(pair_path, stable=True)
+        counts = torch.bincount(pair_path, minlength=num_paths)
+        blocks = (counts + block - 1) // block
+        first_row = (torch.cumsum(blocks, 0) - blocks) * block - (torch.cumsum(counts, 0) - counts)
+        dest = first_row.index_select(0, pair_path.index_select(0, order))
+        dest += torch.arange(pair_path.numel(), device=device)
+        num_blocks = int(blocks.sum())
+        block_path = torch.repeat_interleave(torch.arange(num_paths, device=device), blocks, output_size=num_blocks)
+        rows = num_blocks * block
+        row_token = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, dest, order // k)
+        row_gate = x.new_zeros(rows).index_copy(0, dest, top_gates.reshape(-1).index_select(0, order))
+        xs = x.index_select(0, row_token).view(num_blocks, block, d_in)
+        w_sel = w_down.view(num_paths, r * d_in).index_select(0, block_path).view(num_blocks, r, d_in)
+        b_sel = b_down.view(num_paths, r).index_select(0, block_path).view(num_blocks, 1, r)
+        h = torch.baddbmm(b_sel, xs, w_sel.transpose(1, 2))  # (blocks, block, r)
+        g = row_gate.view(num_blocks, block, 1)
+        h = torch.cat([h * g, g], dim=-1)
+        u_sel = up.view(num_paths, r1 * d_out).index_select(0, block_path).view(num_blocks, r1, d_out)
+        y = torch.bmm(h, u_sel).view(rows, d_out)
+        return x.new_zeros(num_tokens, d_out).index_add(0, row_token, y)
 
     def adapter_output(
         self, adapter_name: str, x: torch.Tensor, sample_tasks: torch.Tensor, uniform: Optional[int] = None
@@ -401,6 +527,10 @@ class AnALinear(nn.Module, AnALayer):
             if out is not None:
                 result = result + out.to(previous_dtype)
         return result
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_ana_cache"].clear()
+        return super()._apply(fn, recurse)
 
     def __repr__(self) -> str:
         return "ana." + super().__repr__()
