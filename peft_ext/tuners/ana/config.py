@@ -72,8 +72,8 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             1-thread CPU the dispatch overhead (sort, gathers, small batched matmuls) still makes it slower than the
             dense gate at 30 tasks (``benchmarks/bench_ana.py``). ``None`` (default): the dense gate, every path
             computed. A task with at most ``gate_top_k`` paths (task ``t`` has ``t + 1``) uses all of them, which is
-            the dense gate. Positive integer; not together with ``top_k``. With ``gate_top_k=1`` the chosen path's gate is always 1 (the gate weights
-            get no gradient, as with ``top_k=1``).
+            the dense gate. Positive integer; not together with ``top_k``. With ``gate_top_k=1`` the chosen path's
+            gate is always 1 (the gate weights get no gradient, as with ``top_k=1``).
         noisy_gating (`bool`):
             Add learned Gaussian noise ``N(0, 1) * softplus(x @ W_noise)`` to the gate logits while training
             (Shazeer et al.); the noise weights are trainable gate parameters. Never applied in eval mode.
