@@ -324,3 +324,23 @@ def test_run_folder_inspect_writes_nothing(tmp_path):
     folder = RunFolder(tmp_path / "new", {"version": 1}, ["a"])
     assert folder.inspect(resume=True, overwrite=False) == "new"
     assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_left_with_only_the_lock_is_still_new(tmp_path, tokenizer):
+    """A run killed between taking the lock and writing its marker leaves the lock (and maybe the marker's temp
+    file): the next run starts there instead of refusing a folder nobody can use."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".peft_ext.lock").write_text("12345")
+    (out / "peft_ext_run.json.tmp").write_text('{"finger')
+    assert schedule(out, tokenizer, tasks=[synthetic_task("colors")], epochs=1).folder.inspect(True, False) == "new"
+    schedule(out, tokenizer, tasks=[synthetic_task("colors")], epochs=1).run()
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_marker_that_is_not_an_object_is_refused_in_one_line(tmp_path, tokenizer):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MARKER_FILE).write_text("[1, 2]")
+    with pytest.raises(ContinualRunError, match="has an unreadable \\(not a JSON object\\) marker"):
+        schedule(out, tokenizer, tasks=[synthetic_task("colors")], epochs=1).run()

@@ -196,9 +196,13 @@ class RunFolder:
         where = self.path
         if where.exists() and not where.is_dir():
             raise ContinualRunError(f"--output-dir {where} is a file, not a folder; name a folder.")
-        if not where.exists() or not any(where.iterdir()):
+        # A run killed between taking the lock and writing its marker leaves only these: the folder is still new.
+        leftovers = {LOCK_FILE, MARKER_FILE + ".tmp"}
+        if not where.exists() or all(entry.name in leftovers for entry in where.iterdir()):
             return "new"
         marker, problem = _read_json(where / MARKER_FILE)
+        if marker is not None and not isinstance(marker, dict):
+            marker, problem = None, "unreadable (not a JSON object)"
         if marker is None:
             if overwrite:
                 return "overwrite"
@@ -251,6 +255,7 @@ class RunFolder:
         marker, _ = _read_json(self.path / MARKER_FILE)
         previous = marker.get("tasks", []) if isinstance(marker, dict) else []
         names = set(RUN_ENTRIES) | {t for t in list(previous) + self.task_names if isinstance(t, str)}
+        names |= {f"{name}.tmp" for name in (MARKER_FILE, METRICS_FILE, RUN_STATE_FILE, "README.md")}  # atomic writes
         names |= {entry.name for entry in self.path.iterdir() if entry.name.startswith(COMPARE_PREFIX)}
         for name in sorted(names - {LOCK_FILE}):
             entry = self.path / name
