@@ -1,16 +1,19 @@
 """The continual schedule: train a PEFT method on a stream of tasks, evaluate every seen task after each one.
 
-For each task of the stream, :class:`ContinualSchedule`
+For each task of the stream, :class:`ContinualSchedule` runs one hook per step (``_run`` calls them in order):
 
-1. prepares the model for it (the method's strategy, :mod:`.strategies`: a shared or a new LoRA/ReSoRA adapter,
-   AnA's or MoE-CL's ``add_task``) and gives the task its own classification head (:mod:`.heads`);
-2. trains it with :class:`~.regularized.RegularizedTrainer` (the method's regularizer included), built from the
-   user's ``TrainingArguments``: callbacks, ``report_to``, gradient accumulation, mixed precision and accelerate
-   work as usual;
-3. finishes the task (``end_task``) and fits the task selector where the method has one;
-4. evaluates every task seen so far, task-aware (the task named) and, where the strategy can infer the task from
-   the input, task-agnostic (labels compared as strings) -> one row of the accuracy matrix;
-5. checkpoints the adapters, heads and schedule state (safetensors + JSON; only the main process writes).
+1. ``_before_task``: prepares the model for it (the method's strategy, :mod:`.strategies`: a shared or a new
+   LoRA/ReSoRA adapter, AnA's or MoE-CL's ``add_task``) and gives the task its own classification head
+   (:mod:`.heads`);
+2. ``_train_task``: trains it with :class:`~.regularized.RegularizedTrainer` (the method's regularizer included),
+   built from the user's ``TrainingArguments``: callbacks, ``report_to``, gradient accumulation, mixed precision
+   and accelerate work as usual;
+3. ``_after_task``: finishes the task (the strategy's ``end_task``) and fits the task selector where the method
+   has one;
+4. ``_evaluate_row``: evaluates every task seen so far, task-aware (the task named) and, where the strategy can
+   infer the task from the input, task-agnostic (labels compared as strings) -> one row of the accuracy matrix;
+5. ``_checkpoint``: checkpoints the adapters, heads and the run's progress (``_Progress``: the matrices, task
+   identification, trainable parameters, train times) as safetensors + JSON; only the main process writes.
 
 An interrupted run resumes from its last finished task (and, inside a task, from the Trainer's own checkpoints if
 ``save_strategy`` made any) and reaches the same final matrix as an uninterrupted run with the same seed: every
@@ -42,11 +45,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel, TrainingArguments, set_seed
@@ -241,6 +245,41 @@ def _empty_matrix(n: int) -> list[list[Optional[float]]]:
     return [[None] * n for _ in range(n)]
 
 
+@dataclass
+class _Progress:
+    """A run's mutable progress: what every task checkpoint saves (``state.json``, under the keys of
+    :meth:`to_state`, unchanged since the first runs so that any run resumes) and a resumed run restores."""
+
+    accuracy: list[list[Optional[float]]]  # task-aware matrix: row i = after task i, column j = task j
+    agnostic: Optional[list[list[Optional[float]]]] = None  # task-agnostic matrix, where the strategy infers tasks
+    identification: Optional[float] = None  # share of eval inputs whose task was picked right (last row)
+    trainable_names: set[str] = field(default_factory=set)  # every parameter trained in some task
+    task_seconds: list[float] = field(default_factory=list)  # train time per finished task
+
+    @classmethod
+    def empty(cls, n: int) -> "_Progress":
+        return cls(accuracy=_empty_matrix(n))
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "accuracy_task_agnostic": self.agnostic,
+            "task_identification": self.identification,
+            "trainable_names": sorted(self.trainable_names),
+            "task_seconds": self.task_seconds,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "_Progress":
+        return cls(
+            accuracy=state["accuracy"],
+            agnostic=state["accuracy_task_agnostic"],
+            identification=state["task_identification"],
+            trainable_names=set(state["trainable_names"]),
+            task_seconds=list(state["task_seconds"]),
+        )
+
+
 class ContinualSchedule:
     """Train ``method`` on ``tasks`` in order; see the module docstring.
 
@@ -296,6 +335,10 @@ class ContinualSchedule:
         self.state = PartialState()
         self.collator = DataCollatorWithPadding(tokenizer)
         self.classifier: Optional[TaskHeadClassifier] = None
+        # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
+        self._base: Optional[PreTrainedModel] = None
+        self._peft_model: Optional[PeftModel] = None
+        self._progress: Optional[_Progress] = None
         self.folder = RunFolder(self.output_dir, self._fingerprint(), [t.name for t in self.tasks])
 
     # -- data -------------------------------------------------------------------------------------------------
@@ -440,116 +483,132 @@ class ContinualSchedule:
         return resume
 
     def _run(self) -> ContinualResult:
-        n = len(self.tasks)
-        names = [t.name for t in self.tasks]
-        main = self.state.is_main_process
-        accuracy, agnostic = _empty_matrix(n), None
-        identification: Optional[float] = None
-        trainable_names: set[str] = set()
-        task_seconds: list[float] = []
-
         resume = self._claim_folder()
-        base = self._base_model()
-        peft_model = None
-        start = 0
-        if resume is not None:
-            start = resume["index"] + 1
-            done = names[:start]
-            with _quiet_peft_wrapping():
-                peft_model = self.strategy.load(base, resume["path"], done)
-            self.classifier = TaskHeadClassifier(peft_model, base.config.hidden_size, self.pooling)
-            self.classifier.load_heads(resume["path"])
-            accuracy = resume["accuracy"]
-            agnostic = resume["accuracy_task_agnostic"]
-            identification = resume["task_identification"]
-            trainable_names = set(resume["trainable_names"])
-            task_seconds = list(resume["task_seconds"])
-            logger.warning(f"Resuming after task {resume['index']} ({resume['task']}) from {resume['path']}.")
-
+        self._base = self._base_model()
+        self._peft_model = None
+        self._progress = _Progress.empty(len(self.tasks))
+        start = 0 if resume is None else self._restore(resume)
         bar = tqdm(
-            total=n,
+            total=len(self.tasks),
             initial=start,
             desc=f"{self.method}: tasks",
             unit="task",
-            disable=not main or self.args.disable_tqdm,
+            disable=not self.state.is_main_process or self.args.disable_tqdm,
         )
-        for index in range(start, n):
-            task = self.tasks[index]
-            bar.set_postfix_str(task.name)
-            set_seed(int(self.args.seed) + index)
-            if peft_model is None:
-                with _quiet_peft_wrapping():
-                    peft_model = self.strategy.start(base, task.name)
-                self.classifier = TaskHeadClassifier(peft_model, base.config.hidden_size, self.pooling)
-            else:
-                self.strategy.begin_task(peft_model, task.name, index)
-            self.classifier.add_head(task.name, task.labels)
-            self.classifier.set_task(task.name)
-            trainable_names |= {k for k, p in self.classifier.named_parameters() if p.requires_grad}
-
-            task_args = self._task_args(index)
-            trainer = RegularizedTrainer(
-                model=self.classifier,
-                args=task_args,
-                train_dataset=self.encode(task, "train"),
-                data_collator=self.collator,
-                callbacks=self.callbacks,
-            )
-            inner = self.folder.last_trainer_checkpoint(index)
-            t0 = time.perf_counter()
-            trainer.train(resume_from_checkpoint=inner)
-            self.strategy.end_task(peft_model, task.name, self._input_batches(task))
-            task_seconds.append(time.perf_counter() - t0)
-            logger.info(f"Task {index} ({task.name}) trained in {task_seconds[-1]:.1f}s.")
-
-            seen = names[: index + 1]
-            for j in range(index + 1):
-                accuracy[index][j] = self.evaluate_task(self.tasks[j])
-            if self.task_agnostic and self.strategy.can_infer_tasks(peft_model):
-                agnostic = agnostic if agnostic is not None else _empty_matrix(n)
-                picked = total = 0
-                for j in range(index + 1):
-                    agnostic[index][j], p, t = self.evaluate_task_agnostic(self.tasks[j], seen)
-                    picked, total = picked + p, total + t
-                identification = picked / total
-            logger.info(f"After {task.name}: accuracy {[round(a, 4) for a in accuracy[index][: index + 1]]}")
-
-            if main:
-                self._save_checkpoint(
-                    index,
-                    {
-                        "accuracy": accuracy,
-                        "accuracy_task_agnostic": agnostic,
-                        "task_identification": identification,
-                        "trainable_names": sorted(trainable_names),
-                        "task_seconds": task_seconds,
-                    },
-                )
-                shutil.rmtree(task_args.output_dir, ignore_errors=True)  # superseded by the task checkpoint
-                if index == n - 1:
-                    shutil.rmtree(self.output_dir / TRAINER_DIR, ignore_errors=True)
-            self.state.wait_for_everyone()
+        for index in range(start, len(self.tasks)):
+            bar.set_postfix_str(self.tasks[index].name)
+            self._before_task(index)
+            with self._task_clock(index):  # a task's train time counts training and finishing it
+                self._train_task(index)
+                self._after_task(index)
+            self._evaluate_row(index)
+            self._checkpoint(index)
             bar.update(1)
         bar.close()
-
-        params = dict(self.classifier.named_parameters())
-        result = ContinualResult(
-            method=self.method,
-            tasks=names,
-            accuracy=accuracy,
-            accuracy_task_agnostic=agnostic,
-            task_identification=identification,
-            trainable_params=sum(params[k].numel() for k in trainable_names if k in params),
-            total_params=sum(p.numel() for p in params.values()),
-            train_seconds=float(sum(task_seconds)),
-            scores=compute_continual_metrics(accuracy),
-            scores_task_agnostic=compute_continual_metrics(agnostic) if _lower_triangle_full(agnostic) else None,
-            task_seconds=task_seconds,
-        )
-        if main:
+        result = self._result()
+        if self.state.is_main_process:
             self._write_outputs(result)
         self.state.wait_for_everyone()
         return result
+
+    # -- the hooks of one task, in the order _run calls them ---------------------------------------------------
+    def _restore(self, resume: dict[str, Any]) -> int:
+        """Rebuild the model, the heads and the progress from the task checkpoint ``resume``; the index of the
+        first task still to train."""
+        start = resume["index"] + 1
+        with _quiet_peft_wrapping():
+            self._peft_model = self.strategy.load(self._base, resume["path"], [t.name for t in self.tasks[:start]])
+        self.classifier = TaskHeadClassifier(self._peft_model, self._base.config.hidden_size, self.pooling)
+        self.classifier.load_heads(resume["path"])
+        self._progress = _Progress.from_state(resume)
+        logger.warning(f"Resuming after task {resume['index']} ({resume['task']}) from {resume['path']}.")
+        return start
+
+    def _before_task(self, index: int) -> None:
+        """Reseed, prepare the model for task ``index`` (the strategy's start or begin_task) and give the task its
+        head; record what is trainable now."""
+        task = self.tasks[index]
+        set_seed(int(self.args.seed) + index)
+        if self._peft_model is None:
+            with _quiet_peft_wrapping():
+                self._peft_model = self.strategy.start(self._base, task.name)
+            self.classifier = TaskHeadClassifier(self._peft_model, self._base.config.hidden_size, self.pooling)
+        else:
+            self.strategy.begin_task(self._peft_model, task.name, index)
+        self.classifier.add_head(task.name, task.labels)
+        self.classifier.set_task(task.name)
+        self._progress.trainable_names |= {k for k, p in self.classifier.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def _task_clock(self, index: int) -> Iterator[None]:
+        """Time the block as task ``index``'s train time (recorded only when the block completes)."""
+        started = time.perf_counter()
+        yield
+        self._progress.task_seconds.append(time.perf_counter() - started)
+        logger.info(f"Task {index} ({self.tasks[index].name}) trained in {self._progress.task_seconds[-1]:.1f}s.")
+
+    def _train_task(self, index: int) -> None:
+        """Train task ``index`` with the Trainer in DIR/trainer/task-XX, resuming from its last mid-task checkpoint
+        if a stopped run left one."""
+        trainer = RegularizedTrainer(
+            model=self.classifier,
+            args=self._task_args(index),
+            train_dataset=self.encode(self.tasks[index], "train"),
+            data_collator=self.collator,
+            callbacks=self.callbacks,
+        )
+        trainer.train(resume_from_checkpoint=self.folder.last_trainer_checkpoint(index))
+
+    def _after_task(self, index: int) -> None:
+        """Finish task ``index`` (the strategy's end_task: e.g. activate-freeze and the task selector)."""
+        task = self.tasks[index]
+        self.strategy.end_task(self._peft_model, task.name, self._input_batches(task))
+
+    def _evaluate_row(self, index: int) -> None:
+        """Row ``index`` of the accuracy matrix: every task seen so far, task-aware, and task-agnostic (with the
+        task identification rate) where the strategy can infer tasks."""
+        progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
+        for j in range(index + 1):
+            progress.accuracy[index][j] = self.evaluate_task(self.tasks[j])
+        if self.task_agnostic and self.strategy.can_infer_tasks(self._peft_model):
+            if progress.agnostic is None:
+                progress.agnostic = _empty_matrix(len(self.tasks))
+            picked = total = 0
+            for j in range(index + 1):
+                progress.agnostic[index][j], p, t = self.evaluate_task_agnostic(self.tasks[j], seen)
+                picked, total = picked + p, total + t
+            progress.identification = picked / total
+        row = [round(a, 4) for a in progress.accuracy[index][: index + 1]]
+        logger.info(f"After {self.tasks[index].name}: accuracy {row}")
+
+    def _checkpoint(self, index: int) -> None:
+        """Main process: the task checkpoint (adapters, heads, progress), then drop the Trainer's folder it
+        supersedes (all of DIR/trainer after the last task). Every process waits for it."""
+        if self.state.is_main_process:
+            self._save_checkpoint(index, self._progress.to_state())
+            shutil.rmtree(self.folder.trainer_dir(index), ignore_errors=True)
+            if index == len(self.tasks) - 1:
+                shutil.rmtree(self.output_dir / TRAINER_DIR, ignore_errors=True)
+        self.state.wait_for_everyone()
+
+    def _result(self) -> ContinualResult:
+        progress = self._progress
+        params = dict(self.classifier.named_parameters())
+        return ContinualResult(
+            method=self.method,
+            tasks=[t.name for t in self.tasks],
+            accuracy=progress.accuracy,
+            accuracy_task_agnostic=progress.agnostic,
+            task_identification=progress.identification,
+            trainable_params=sum(params[k].numel() for k in progress.trainable_names if k in params),
+            total_params=sum(p.numel() for p in params.values()),
+            train_seconds=float(sum(progress.task_seconds)),
+            scores=compute_continual_metrics(progress.accuracy),
+            scores_task_agnostic=(
+                compute_continual_metrics(progress.agnostic) if _lower_triangle_full(progress.agnostic) else None
+            ),
+            task_seconds=progress.task_seconds,
+        )
 
     def _write_outputs(self, result: ContinualResult) -> None:
         out = self.output_dir

@@ -8,9 +8,10 @@ evaluation). Adding a method means registering one class (:func:`register_strate
 * ``lora`` / ``resora``: by default **one shared adapter trained sequentially** (the baseline that forgets);
   with ``adapter_per_task=True`` one fresh adapter per task (the "separate adapters" reference), routed by task
   name, and task-agnostic prediction by **maximum confidence** over the per-task adapters and heads.
-* ``ana`` / ``moecl``: the continual protocol (``peft_ext.routing.tasks``): one PEFT adapter named ``default``
-  holds every task; ``add_task`` before a task, ``end_task`` after it, ``fit_task_selector`` where the method has a
-  task selector, ``route(task)`` for task-aware and ``route("auto")`` for task-agnostic evaluation.
+* ``ana`` / ``moecl``: the continual contract (``peft_ext.routing.tasks.ContinualTunerMixin``): one PEFT adapter
+  named ``default`` holds every task; ``add_task`` before a task, ``end_task(task, batches=...)`` after it,
+  ``fit_task_selector`` where ``supports_task_selector`` says the method has a task selector, ``route(task)`` for
+  task-aware and ``route("auto")`` (``predict_tasks``) for task-agnostic evaluation.
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ class ReSoRAStrategy(_LoraLikeStrategy):
 
 
 class _RoutedStrategy(ContinualStrategy):
-    """Methods implementing the continual protocol (tasks inside one adapter named ``default``)."""
+    """Methods implementing the continual contract (``peft_ext.routing.tasks.ContinualTunerMixin``: tasks inside
+    one adapter named ``default``). Every call goes through that contract, the same for every such method."""
 
     options = {"selector_batches": None}  # max batches of a task's inputs to fit its selector entry (None: all)
 
@@ -287,17 +289,18 @@ class _RoutedStrategy(ContinualStrategy):
 
     def end_task(self, model, task, batches):
         batches = list(batches)  # read twice where the method recounts routes before its selector is fitted
-        model.end_task(task, **self.end_task_kwargs(batches))
-        if hasattr(model, "fit_task_selector"):  # the method has a task selector (MoE-CL's DDAS)
+        model.end_task(task, batches=self.end_task_batches(batches))
+        if model.supports_task_selector:
             limit = self.settings["selector_batches"]
             model.fit_task_selector(task, [b for i, b in enumerate(batches) if limit is None or i < limit])
 
-    def end_task_kwargs(self, batches: list[dict]) -> dict[str, Any]:
-        """Extra keyword arguments of the method's ``end_task`` (none by default)."""
-        return {}
+    def end_task_batches(self, batches: list[dict]) -> Optional[list[dict]]:
+        """What the model's ``end_task`` gets as ``batches``: the task's inputs (a method that does not use them
+        ignores them)."""
+        return batches
 
     def can_infer_tasks(self, model):
-        return bool(getattr(model, "has_task_selector", False))
+        return bool(model.has_task_selector)
 
     def route(self, model, task):
         return model.route(task)
@@ -331,8 +334,8 @@ class MoECLStrategy(_RoutedStrategy):
     def config_class(self):
         return _peft_ext_config("MoECLConfig")
 
-    def end_task_kwargs(self, batches):
-        return {"batches": batches} if self.settings["recount_routes"] else {}
+    def end_task_batches(self, batches):
+        return batches if self.settings["recount_routes"] else None  # None: the counts of the training forwards
 
 
 __all__ = [

@@ -327,8 +327,13 @@ class TaskSelectorMixin:
     """DDAS for a ``BaseTuner`` that also uses :class:`~peft_ext.routing.tasks.ContinualTunerMixin`.
 
     Call :meth:`_init_task_selector` for every injected adapter (after ``_register_adapter_tasks``). The config
-    must mix in :class:`SelectorConfigMixin`.
+    must mix in :class:`SelectorConfigMixin`. Implements the selector part of the continual contract
+    (:class:`~peft_ext.routing.tasks.ContinualTunerMixin`): :attr:`supports_task_selector` is True,
+    :meth:`fit_task_selector`, :attr:`has_task_selector` and :meth:`predict_tasks`. Comes before
+    ``ContinualTunerMixin`` in a tuner's bases, whose selector-less defaults it overrides.
     """
+
+    supports_task_selector: bool = True  # the method has a selector (fitted or not: see has_task_selector)
 
     # -- storage ------------------------------------------------------------------------------------------
     @property

@@ -347,13 +347,34 @@ class _RoutingHooks:
         return output
 
 
-class ContinualTunerMixin:
-    """Task bookkeeping for a ``BaseTuner`` whose layers implement ``add_task(adapter_name, task_name)``.
+EndTaskReport = dict[str, list[int]]  # what end_task returns: {module name: experts frozen by this call}
 
-    Subclasses set ``tuner_layer_cls`` (PEFT's attribute) and may override :meth:`_on_task_added`.
+
+class ContinualTunerMixin:
+    """Task bookkeeping for a ``BaseTuner`` whose layers implement ``add_task(adapter_name, task_name)``, and the
+    **continual contract** every continual method keeps, so that a caller (e.g. the continual trainer's strategies)
+    drives AnA and MoE-CL the same way, without per-method keywords:
+
+    * :meth:`add_task` ``(task_name, adapter_name=None)``: grow the adapter by one task and make it active;
+    * :meth:`end_task` ``(task_name=None, adapter_name=None, *, batches=None)`` -> :data:`EndTaskReport`: finish a
+      task after training. ``batches`` (dicts of model inputs, e.g. the task's training data) is offered to the
+      method, which may use it (MoE-CL recounts the routes activate-freeze reads) or ignore it (AnA). Always returns
+      ``{module name: experts frozen by this call}``, empty for a method without activate-freeze or a task that
+      was ended already;
+    * :meth:`delete_task` ``(task_name, adapter_name=None)``: remove a task, where the method can;
+    * :attr:`supports_task_selector`: whether the method has a task selector at all; if so,
+      :meth:`fit_task_selector` ``(task_name, batches)`` fits it after a task, :attr:`has_task_selector` says it is
+      fitted and :meth:`predict_tasks` ``(batch)`` / ``route("auto")`` use it (:class:`~.selector.TaskSelectorMixin`
+      implements them);
+    * :meth:`route` ``(task_ids)``: a context in which forwards serve the given task(s).
+
+    Subclasses set ``tuner_layer_cls`` (PEFT's attribute), implement :meth:`end_task` and may override
+    :meth:`_on_task_added` and :meth:`delete_task`.
     """
 
     routing: RoutingState
+    # Whether the method has a task selector (class attribute: True with TaskSelectorMixin, fitted or not).
+    supports_task_selector: bool = False
 
     # -- construction -------------------------------------------------------------------------------------
     def _init_routing(self) -> None:
@@ -474,6 +495,40 @@ class ContinualTunerMixin:
 
     def _on_task_added(self, adapter_name: str, task_name: str) -> None:
         """Hook for methods (e.g. set requires_grad for the new task)."""
+
+    def end_task(
+        self,
+        task_name: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        *,
+        batches: Optional[Iterable] = None,
+    ) -> EndTaskReport:
+        """Finish task ``task_name`` (default: the last task) after training; ending a task twice is a no-op.
+
+        ``batches``: the task's inputs (dicts of model inputs), which a method may use to finish the task (MoE-CL:
+        activate-freeze counts the trained router's routes on them) or ignore (AnA). Returns ``{module name:
+        experts frozen by this call}`` (empty where the method has no activate-freeze)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement end_task.")
+
+    def delete_task(self, task_name: str, adapter_name: Optional[str] = None) -> None:
+        """Delete task ``task_name`` from the adapter, where the method can (AnA: the last task)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot delete a single task; delete the whole adapter (delete_adapter) instead."
+        )
+
+    # -- task selector: none by default (TaskSelectorMixin provides one) ------------------------------------------
+    @property
+    def has_task_selector(self) -> bool:
+        """True when a fitted task selector can route ``task_ids="auto"`` (never, for a method without one)."""
+        return False
+
+    def fit_task_selector(self, task_name: str, batches=None, adapter_name: Optional[str] = None, **kwargs):
+        """Fit the task selector's entry of ``task_name``; only for methods with :attr:`supports_task_selector`."""
+        raise ValueError(f"{type(self).__name__} has no task selector (supports_task_selector is False).")
+
+    def predict_tasks(self, batch, adapter_name: Optional[str] = None) -> list[Optional[str]]:
+        """The task picked for each sample of ``batch``; only for methods with :attr:`supports_task_selector`."""
+        raise ValueError(f"{type(self).__name__} has no task selector (supports_task_selector is False).")
 
     @contextlib.contextmanager
     def route(self, task_ids: TaskIds) -> Iterator[None]:

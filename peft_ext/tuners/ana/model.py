@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ...routing.selector import TaskSelectorMixin
-from ...routing.tasks import ContinualTunerMixin, check_task_name
+from ...routing.tasks import ContinualTunerMixin, EndTaskReport, check_task_name
 from ..checkpoint import CheckedCheckpointMixin, remove_nested_adapter_name
 from ..targets import linear_fan_in_fan_out
 from .config import AnAConfig
@@ -35,7 +35,8 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
 
     One PEFT adapter is one continual learner; its tasks are named inside it (``config.task_names``, see
     :mod:`peft_ext.routing.tasks`). ``add_task(name)`` grows every adapted layer by a task adapter, one in-adapter
-    per earlier task and a gate, and makes exactly those trainable; ``end_task()`` freezes the task; forwards use
+    per earlier task and a gate, and makes exactly those trainable; ``end_task()`` freezes the task (the continual
+    contract of :class:`~peft_ext.routing.tasks.ContinualTunerMixin`, shared with MoE-CL); forwards use
     the active task, or ``task_ids=`` / ``route(...)`` per sample. One ``save_pretrained`` writes all tasks.
     Task-agnostic inference: ``fit_task_selector(task, batches)`` fits the shared DDAS selector
     (:mod:`peft_ext.routing.selector`), after which ``task_ids="auto"`` picks the task (or the base model) per sample.
@@ -178,20 +179,31 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
             raise ValueError("Cannot add a task while the adapter is merged; unmerge it first.")
         super().add_task(task_name, adapter_name=name)
 
-    def end_task(self, task_name: Optional[str] = None, adapter_name: Optional[str] = None, **kwargs) -> None:
+    def end_task(
+        self,
+        task_name: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        *,
+        batches: Optional[Iterable[Mapping[str, Any]]] = None,
+    ) -> EndTaskReport:
         """Finish task ``task_name`` (default: the last task): freeze its parameters. Earlier tasks are frozen
-        already, so only the last task can be ended; ending it twice is a no-op."""
+        already, so only the last task can be ended; ending it twice is a no-op.
+
+        The continual contract's ``end_task`` (:class:`~peft_ext.routing.tasks.ContinualTunerMixin`): ``batches``
+        is accepted and ignored (AnA freezes the whole task; nothing depends on its inputs), and the report is
+        always ``{}`` (AnA has no activate-freeze of experts)."""
         name = self._continual_adapter(adapter_name)
         config = self.peft_config[name]
         last = config.task_names[-1]
         task_name = task_name or last
         self.routing.task_index(name, task_name)  # validates the name
         if task_name != last:
-            return  # earlier tasks have been frozen since the next task was added
+            return {}  # earlier tasks have been frozen since the next task was added
         for layer in self._layers(name):
             layer.end_task(name)
         if task_name not in config.ended_tasks:
             config.ended_tasks.append(task_name)
+        return {}
 
     def delete_task(self, task_name: str, adapter_name: Optional[str] = None) -> None:
         """Delete task ``task_name``; only the last task can go, because every later task uses each earlier task's

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...routing.selector import TaskSelectorMixin
-from ...routing.tasks import ContinualTunerMixin, check_task_name, eval_mode
+from ...routing.tasks import ContinualTunerMixin, EndTaskReport, check_task_name, eval_mode
 from ..checkpoint import AdapterCheckpointError, CheckedCheckpointMixin, remove_nested_adapter_name
 from ..regularization import RegularizedTunerMixin
 from .config import MoECLConfig
@@ -201,14 +201,16 @@ class MoECLModel(
         self,
         task_name: Optional[str] = None,
         adapter_name: Optional[str] = None,
-        freeze_top_k: Optional[int] = None,
+        *,
         batches: Optional[Iterable[Mapping[str, Any]]] = None,
-    ) -> dict[str, list[int]]:
+        freeze_top_k: Optional[int] = None,
+    ) -> EndTaskReport:
         """Finish ``task_name`` (default: the last task): activate-freeze and freeze its router.
 
-        In every adapted module the ``freeze_top_k`` (default: the config's) experts most often selected by the
-        task are frozen for good. Returns ``{module name: newly frozen expert indices}``. Ending a task twice is a
-        no-op.
+        The continual contract's ``end_task`` (:class:`~peft_ext.routing.tasks.ContinualTunerMixin`), plus the
+        keyword-only ``freeze_top_k``. In every adapted module the ``freeze_top_k`` (default: the config's) experts
+        most often selected by the task are frozen for good. Returns ``{module name: newly frozen expert
+        indices}``. Ending a task twice is a no-op (and returns ``{}``).
 
         The counts are those of the task's training forwards (the paper), unless ``batches`` (dicts of model
         inputs, e.g. the task's training data) are given: then they are taken afresh from those inputs with the
