@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
@@ -62,11 +59,3 @@ class ReSoRAModel(CheckedCheckpointMixin, RegularizedTunerMixin, BaseTuner):
     def _create_new_module(config: ReSoRAConfig, adapter_name: str, target: nn.Module) -> ReSoRALinear:
         fan_in_fan_out = linear_fan_in_fan_out(config, target, "ReSoRA")
         return ReSoRALinear(target, adapter_name, config=config, fan_in_fan_out=fan_in_fan_out)
-
-    def redundancy(self) -> Optional[torch.Tensor]:
-        """Unweighted de-redundancy loss of the last *training* forward (None if nothing was recorded)."""
-        loss = self.get_regularization_loss()
-        weights = {c.reg_weight for c in self.peft_config.values()}
-        if len(weights) != 1 or not loss.item():
-            return None
-        return loss / weights.pop()
