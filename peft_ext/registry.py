@@ -73,9 +73,12 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     """Make method ``name`` (lower case) usable through ``get_peft_model``/``PeftModel.from_pretrained``.
 
     Idempotent: a second call with the same classes (a re-import) is a no-op, and a call after
-    :func:`importlib.reload` re-points the mappings to the reloaded classes.
+    :func:`importlib.reload` re-points the mappings to the reloaded classes. A method of another package (a plugin
+    of this plugin) registers the same way; its parameter prefix is its tuner class's ``prefix``.
     """
-    prefix = METHOD_PREFIXES[name]
+    prefix = METHOD_PREFIXES.get(name) or getattr(model_cls, "prefix", None)
+    if not isinstance(prefix, str) or not prefix.endswith("_"):
+        raise ValueError(f"{model_cls.__name__}.prefix must name the method's parameters, e.g. {name + '_'!r}.")
     if getattr(model_cls, "prefix", prefix) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, expected {prefix!r}.")
     install_peft_type_check()
