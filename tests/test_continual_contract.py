@@ -153,6 +153,7 @@ def test_progress_state_keys_round_trip():
     progress.identification = 0.75
     progress.trainable_names = {"b", "a"}
     progress.task_seconds = [1.5]
+    progress.train_accuracy[0] = 1.0
     state = progress.to_state()
     # the keys of checkpoints/task-XX/state.json written before _Progress existed: old runs keep resuming
     assert state == {
@@ -161,6 +162,9 @@ def test_progress_state_keys_round_trip():
         "task_identification": 0.75,
         "trainable_names": ["a", "b"],
         "task_seconds": [1.5],
+        "train_accuracy": [1.0, None],  # added later: optional when read
     }
     assert _Progress.from_state({**state, "index": 0, "task": "t0"}) == progress
-    assert _Progress.empty(2) == _Progress(accuracy=[[None, None], [None, None]])
+    old = {k: v for k, v in state.items() if k != "train_accuracy"}
+    assert _Progress.from_state(old).train_accuracy == [None, None]
+    assert _Progress.empty(2) == _Progress(accuracy=[[None, None], [None, None]], train_accuracy=[None, None])

@@ -10,10 +10,13 @@ For each task of the stream, :class:`ContinualSchedule` runs one hook per step (
    and accelerate work as usual;
 3. ``_after_task``: finishes the task (the strategy's ``end_task``) and fits the task selector where the method
    has one;
-4. ``_evaluate_row``: evaluates every task seen so far, task-aware (the task named) and, where the strategy can
+4. ``_check_learned``: measures the task's training accuracy (task-aware, on at most ``TRAIN_CHECK_EXAMPLES``
+   examples of its train split) and warns, naming the task, when it is at chance (see :func:`_at_chance`);
+5. ``_evaluate_row``: evaluates every task seen so far, task-aware (the task named) and, where the strategy can
    infer the task from the input, task-agnostic (labels compared as strings) -> one row of the accuracy matrix;
-5. ``_checkpoint``: checkpoints the adapters, heads and the run's progress (``_Progress``: the matrices, task
-   identification, trainable parameters, train times) as safetensors + JSON; only the main process writes.
+6. ``_checkpoint``: checkpoints the adapters, heads and the run's progress (``_Progress``: the matrices, task
+   identification, trainable parameters, train times, training accuracies) as safetensors + JSON; only the main
+   process writes.
 
 An interrupted run resumes from its last finished task (and, inside a task, from the Trainer's own checkpoints if
 ``save_strategy`` made any) and reaches the same final matrix as an uninterrupted run with the same seed: every
@@ -25,7 +28,7 @@ Output folder::
                                                          one-adapter-per-task strategies: DIR/<task>/)
     DIR/heads.safetensors, heads.json                    the per-task heads and label sets
     DIR/metrics.json                                     docs/cli.md's schema; written last
-    DIR/run_state.json                                   per-task details (train time, task identification, ...)
+    DIR/run_state.json                                   per-task details (train time, training accuracy, ...)
     DIR/accuracy_heatmap.png, accuracy_curves.png        plots of the matrix
     DIR/checkpoints/task-XX/                             per-task checkpoint (resume)
     DIR/trainer/task-XX/                                 the Trainer's output_dir while task XX trains
@@ -76,6 +79,15 @@ from .task_stream import Task, check_stream
 
 
 logger = logging.get_logger(__name__)
+
+TRAIN_CHECK_EXAMPLES = 256  # at most this many train examples (evenly spaced) measure a task's training accuracy
+CHANCE_MARGIN = 0.05  # "at chance": training accuracy <= majority-class rate + this margin (and below 1.0)
+
+
+def _at_chance(accuracy: float, majority: float) -> bool:
+    """Whether a training accuracy is not clearly above the majority-class rate of the same examples: at most
+    ``majority + CHANCE_MARGIN``. A perfect accuracy never is (a task whose sample is nearly one class can learn)."""
+    return accuracy < 1.0 and accuracy <= majority + CHANCE_MARGIN
 
 
 @dataclass
@@ -205,6 +217,7 @@ class ContinualResult:
     scores: dict[str, Optional[float]] = field(default_factory=dict)
     scores_task_agnostic: Optional[dict[str, Optional[float]]] = None
     task_seconds: list[float] = field(default_factory=list)
+    train_accuracy: list[Optional[float]] = field(default_factory=list)  # per task, after it (run_state.json)
 
     def to_metrics(self) -> dict[str, Any]:
         return {
@@ -248,17 +261,19 @@ def _empty_matrix(n: int) -> list[list[Optional[float]]]:
 @dataclass
 class _Progress:
     """A run's mutable progress: what every task checkpoint saves (``state.json``, under the keys of
-    :meth:`to_state`, unchanged since the first runs so that any run resumes) and a resumed run restores."""
+    :meth:`to_state`, unchanged since the first runs so that any run resumes; keys added later are optional when
+    read) and a resumed run restores."""
 
     accuracy: list[list[Optional[float]]]  # task-aware matrix: row i = after task i, column j = task j
     agnostic: Optional[list[list[Optional[float]]]] = None  # task-agnostic matrix, where the strategy infers tasks
     identification: Optional[float] = None  # share of eval inputs whose task was picked right (last row)
     trainable_names: set[str] = field(default_factory=set)  # every parameter trained in some task
     task_seconds: list[float] = field(default_factory=list)  # train time per finished task
+    train_accuracy: list[Optional[float]] = field(default_factory=list)  # per task, measured right after it
 
     @classmethod
     def empty(cls, n: int) -> "_Progress":
-        return cls(accuracy=_empty_matrix(n))
+        return cls(accuracy=_empty_matrix(n), train_accuracy=[None] * n)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -267,6 +282,7 @@ class _Progress:
             "task_identification": self.identification,
             "trainable_names": sorted(self.trainable_names),
             "task_seconds": self.task_seconds,
+            "train_accuracy": self.train_accuracy,
         }
 
     @classmethod
@@ -277,6 +293,8 @@ class _Progress:
             identification=state["task_identification"],
             trainable_names=set(state["trainable_names"]),
             task_seconds=list(state["task_seconds"]),
+            # Absent from checkpoints of earlier versions: unknown for the tasks they trained.
+            train_accuracy=list(state.get("train_accuracy") or [None] * len(state["accuracy"])),
         )
 
 
@@ -342,8 +360,17 @@ class ContinualSchedule:
         self.folder = RunFolder(self.output_dir, self._fingerprint(), [t.name for t in self.tasks])
 
     # -- data -------------------------------------------------------------------------------------------------
-    def encode(self, task: Task, split: str) -> Dataset:
+    @staticmethod
+    def _split(task: Task, split: str, limit: Optional[int] = None) -> Dataset:
+        """``task``'s ``split`` ("train" or "eval"); with ``limit``, at most that many rows, evenly spaced (a split
+        sorted by label still gives every label its share)."""
         ds = task.train if split == "train" else task.eval
+        if limit is not None and len(ds) > limit:
+            ds = ds.select([i * len(ds) // limit for i in range(limit)])
+        return ds
+
+    def encode(self, task: Task, split: str, limit: Optional[int] = None) -> Dataset:
+        ds = self._split(task, split, limit)
         enc = self.tokenizer([str(t) for t in ds[task.text_column]], truncation=True, max_length=self.max_length)
         return Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
 
@@ -366,13 +393,14 @@ class ContinualSchedule:
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_task(self, task: Task) -> float:
-        """Task-aware accuracy on ``task``'s eval split (the task named: its route and its head)."""
+    def evaluate_task(self, task: Task, split: str = "eval", limit: Optional[int] = None) -> float:
+        """Task-aware accuracy on ``task``'s ``split`` (the task named: its route and its head); with ``limit``, on
+        at most that many of its rows (evenly spaced)."""
         clf, device = self.classifier, self._device()
         clf.eval()
         correct = total = 0
         with self.strategy.route(clf.encoder, task.name):
-            for batch in self._loader(self.encode(task, "eval"), True):
+            for batch in self._loader(self.encode(task, split, limit), True):
                 labels = batch.pop("labels")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 pred = clf.logits(clf.features(**batch), task.name).argmax(-1).cpu()
@@ -501,6 +529,7 @@ class ContinualSchedule:
             with self._task_clock(index):  # a task's train time counts training and finishing it
                 self._train_task(index)
                 self._after_task(index)
+            self._check_learned(index)
             self._evaluate_row(index)
             self._checkpoint(index)
             bar.update(1)
@@ -564,6 +593,21 @@ class ContinualSchedule:
         task = self.tasks[index]
         self.strategy.end_task(self._peft_model, task.name, self._input_batches(task))
 
+    def _check_learned(self, index: int) -> None:
+        """Record task ``index``'s training accuracy (task-aware, in eval mode, on at most
+        ``TRAIN_CHECK_EXAMPLES`` train examples) and warn once, naming the task, when it is at chance
+        (:func:`_at_chance`): a learning rate or an epoch count that did not fit is otherwise silent."""
+        task = self.tasks[index]
+        accuracy = self.evaluate_task(task, "train", TRAIN_CHECK_EXAMPLES)
+        self._progress.train_accuracy[index] = accuracy
+        ids = task.label_ids(self._split(task, "train", TRAIN_CHECK_EXAMPLES)[task.label_column])
+        majority = max(ids.count(i) for i in set(ids)) / len(ids)
+        if _at_chance(accuracy, majority) and self.state.is_main_process:
+            logger.warning(
+                f"Task {task.name!r} ended with training accuracy {accuracy:.2f}, at chance (majority class "
+                f"{majority:.2f}): it was not learned; try another learning rate (--lr) or more epochs."
+            )
+
     def _evaluate_row(self, index: int) -> None:
         """Row ``index`` of the accuracy matrix: every task seen so far, task-aware, and task-agnostic (with the
         task identification rate) where the strategy can infer tasks."""
@@ -608,6 +652,7 @@ class ContinualSchedule:
                 compute_continual_metrics(progress.agnostic) if _lower_triangle_full(progress.agnostic) else None
             ),
             task_seconds=progress.task_seconds,
+            train_accuracy=progress.train_accuracy,
         )
 
     def _write_outputs(self, result: ContinualResult) -> None:
@@ -624,6 +669,7 @@ class ContinualSchedule:
             "scores": result.scores,
             "scores_task_agnostic": result.scores_task_agnostic,
             "task_seconds": result.task_seconds,
+            "train_accuracy": result.train_accuracy,
             "labels": {t.name: t.labels for t in self.tasks},
         }
         atomic_write_text(out / RUN_STATE_FILE, json.dumps(run_state, indent=2) + "\n")
