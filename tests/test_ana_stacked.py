@@ -10,21 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from torch import nn
+from tiny_models import MLP
 
 import peft_ext  # noqa: F401  (registers the methods)
 from peft_ext import AnAConfig
 from peft_ext.tuners.ana import AnALayer, AnALinear
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(6, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, X):
-        return self.lin1(torch.tanh(self.lin0(X)))
 
 
 def tiny_base():

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 from peft import get_peft_model
-from torch import nn
+from tiny_models import MLP
 
 import peft_ext  # noqa: F401  (registers the methods)
 from peft_ext import AnAConfig, MoECLConfig
@@ -18,16 +18,6 @@ from peft_ext.trainers.continual import _Progress
 from peft_ext.trainers.strategies import get_strategy
 from peft_ext.tuners.ana.model import AnAModel
 from peft_ext.tuners.moecl.model import MoECLModel
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(6, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.lin1(torch.tanh(self.lin0(x)))
 
 
 def ana_model():
@@ -67,7 +57,7 @@ def test_end_task_has_one_signature():
 def test_ana_end_task_ignores_batches_and_reports_no_frozen_experts():
     model = ana_model()
     x = torch.rand(4, 6)
-    assert model.end_task("t0", batches=[{"x": x}]) == {}
+    assert model.end_task("t0", batches=[{"X": x}]) == {}
     assert model.peft_config["default"].ended_tasks == ["t0"]
     assert not any(p.requires_grad for n, p in model.named_parameters() if "ana_" in n)
     assert model.end_task("t0", batches=None) == {}  # twice: a no-op
@@ -75,9 +65,9 @@ def test_ana_end_task_ignores_batches_and_reports_no_frozen_experts():
 
 def test_moecl_end_task_counts_routes_on_batches():
     model = moecl_model(freeze_top_k=1)
-    report = model.end_task("t0", batches=[{"x": torch.rand(5, 6)}])
+    report = model.end_task("t0", batches=[{"X": torch.rand(5, 6)}])
     assert set(report) == {"lin0"} and len(report["lin0"]) == 1
-    assert model.end_task("t0", batches=[{"x": torch.rand(5, 6)}]) == {}  # twice: a no-op, the same type
+    assert model.end_task("t0", batches=[{"X": torch.rand(5, 6)}]) == {}  # twice: a no-op, the same type
 
 
 @pytest.mark.parametrize("make", [ana_model, moecl_model])
@@ -88,7 +78,7 @@ def test_both_methods_have_a_task_selector(make):
     model.end_task("t0")
     model.fit_task_selector("t0", features=torch.randn(40, 6), epochs=2)
     assert model.has_task_selector is True
-    assert len(model.predict_tasks({"x": torch.randn(3, 6)})) == 3
+    assert len(model.predict_tasks({"X": torch.randn(3, 6)})) == 3
 
 
 def test_a_method_without_selector_says_so():

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
-from torch import nn
+from tiny_models import MLP, Tiny, tiny_bert, tiny_llama
 
 import peft_ext
 from peft_ext.hub import load_continual_run
@@ -29,30 +29,6 @@ CONFIG = "adapter_config.json"
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-class MLP(nn.Module):
-    """``X`` ``(B, 6)`` -> ``lin0`` -> tanh -> ``lin1`` -> ``(B, 3)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(6, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, X):
-        return self.lin1(torch.tanh(self.lin0(X)))
-
-
-class Tiny(nn.Module):
-    """``x`` ``(B, T, 8)`` -> ``lin0`` -> ReLU -> ``lin1`` -> ``(B, T, 3)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(8, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, x, attention_mask=None):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
 def mlp() -> MLP:
     torch.manual_seed(0)
     return MLP().eval()
@@ -61,30 +37,6 @@ def mlp() -> MLP:
 def tiny() -> Tiny:
     torch.manual_seed(0)
     return Tiny().eval()
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-    return BertModel(cfg).eval()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def bert_inputs(batch: int = 4):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from tiny_models import Tiny, tiny_bert, tiny_llama
 from torch import nn
 
 from peft_ext import MoECLConfig
@@ -19,18 +20,6 @@ from peft_ext.tuners.moecl.layer import MoECLLayer
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-class Tiny(nn.Module):
-    """Token model: ``x`` ``(B, T, 8)`` -> ``lin0`` (adapted) -> ReLU -> ``lin1`` -> ``(B, T, 3)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(8, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, x, attention_mask=None):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
 def tiny_peft(seed: int = 0, **kwargs) -> PeftModel:
     torch.manual_seed(seed)
     defaults = dict(target_modules=["lin0"], num_experts=4, r=4, expert_dropout=0.0, scaling=1.0)
@@ -245,17 +234,17 @@ def test_balance_loss_through_get_regularization_loss():
 
 
 def test_attach_modes_resolved_per_family():
-    bert = get_peft_model(_tiny_bert(), MoECLConfig(num_experts=3, r=2))
+    bert = get_peft_model(tiny_bert(), MoECLConfig(num_experts=3, r=2))
     layers = [m for m in bert.modules() if isinstance(m, MoECLLayer)]
     assert [m.attach_mode for m in layers] == ["residual", "residual"]
     assert all(type(m.base_layer).__name__ == "BertOutput" for m in layers)
-    llama = get_peft_model(_tiny_llama(), MoECLConfig(num_experts=3, r=2, routing_token="last"))
+    llama = get_peft_model(tiny_llama(), MoECLConfig(num_experts=3, r=2, routing_token="last"))
     layers = [m for m in llama.modules() if isinstance(m, MoECLLayer)]
     assert [m.attach_mode for m in layers] == ["parallel", "parallel"] and layers[0].in_features == 16
 
 
 def test_bert_residual_placement_is_inside_the_residual_sum():
-    model = get_peft_model(_tiny_bert(), MoECLConfig(num_experts=3, r=2, init_weights=False, scaling=1.0)).eval()
+    model = get_peft_model(tiny_bert(), MoECLConfig(num_experts=3, r=2, init_weights=False, scaling=1.0)).eval()
     layer = [m for m in model.modules() if isinstance(m, MoECLLayer)][0]
     h = torch.randn(2, 5, 32)  # intermediate activations
     resid = torch.randn(2, 5, 16)  # post-attention stream (input_tensor)
@@ -504,28 +493,6 @@ def test_bad_input_errors_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # model families
 # ----------------------------------------------------------------------------------------------------------------
-def _tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-    return BertModel(cfg).eval()
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _check_family(model, inputs, get_out):
@@ -547,7 +514,7 @@ def _check_family(model, inputs, get_out):
 
 
 def test_bert_like_encoder():
-    model = get_peft_model(_tiny_bert(), MoECLConfig(num_experts=4, r=4))
+    model = get_peft_model(tiny_bert(), MoECLConfig(num_experts=4, r=4))
     assert model.base_model.targeted_module_names == ["encoder.layer.0.output", "encoder.layer.1.output"]
     ids = torch.randint(1, 64, (3, 6))
     mask = torch.ones_like(ids)
@@ -579,7 +546,7 @@ def test_vit_and_clip_vision():
 
 
 def test_llama_decoder_and_generate():
-    model = get_peft_model(_tiny_llama(), MoECLConfig(num_experts=4, r=4, routing_token="last"))
+    model = get_peft_model(tiny_llama(), MoECLConfig(num_experts=4, r=4, routing_token="last"))
     ids = torch.randint(1, 64, (2, 5))
     _check_family(model, {"input_ids": ids}, lambda o: o.logits)
     model.add_task("chat")
@@ -603,7 +570,7 @@ def test_llama_decoder_and_generate():
 
 def test_generate_with_auto_picks_the_task_once_per_sequence():
     config = MoECLConfig(num_experts=4, r=4, routing_token="last", init_weights=False, selector_hidden=4)
-    model = get_peft_model(_tiny_llama(), config)
+    model = get_peft_model(tiny_llama(), config)
     with pytest.warns(UserWarning, match="without any training forward"):
         model.add_task("t1")
     model.eval()
@@ -629,7 +596,7 @@ def test_generate_with_auto_picks_the_task_once_per_sequence():
 
 def test_decoder_with_first_token_routing_warns():
     with pytest.warns(UserWarning, match="routing_token='last'"):
-        get_peft_model(_tiny_llama(), MoECLConfig(num_experts=2, r=2))
+        get_peft_model(tiny_llama(), MoECLConfig(num_experts=2, r=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -643,7 +610,7 @@ def _task_batch(task: int, n: int = 24, seed: int = 0):
 
 
 def test_save_load_three_tasks_with_selector(tmp_path):
-    base = _tiny_bert()
+    base = tiny_bert()
     pristine = copy.deepcopy(base)
     config = MoECLConfig(
         num_experts=5,

@@ -1,0 +1,54 @@
+"""Tiny models built from code or configs, shared by the tests (seeded; eval mode where the caller needs it)."""
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """``X`` ``(B, 6)`` -> ``lin0`` -> tanh -> ``lin1`` -> ``(B, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(6, 8)
+        self.lin1 = nn.Linear(8, 3)
+
+    def forward(self, X):
+        return self.lin1(torch.tanh(self.lin0(X)))
+
+
+class Tiny(nn.Module):
+    """``x`` ``(B, T, 8)`` -> ``lin0`` -> ReLU -> ``lin1`` -> ``(B, T, 3)`` (MoE-CL goes beside ``lin0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 8)
+        self.lin1 = nn.Linear(8, 3)
+
+    def forward(self, x, attention_mask=None):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def tiny_bert():
+    """A 2-layer ``BertModel`` (vocab 64, hidden 16), seeded, in eval mode."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    return BertModel(cfg).eval()
+
+
+def tiny_llama():
+    """A 2-layer ``LlamaForCausalLM`` (vocab 64, hidden 16, pad id 0), seeded, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval()
