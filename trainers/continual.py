@@ -30,6 +30,8 @@ Output folder::
     DIR/metrics.json                                     docs/cli.md's schema; written last
     DIR/run_state.json                                   per-task details (train time, training accuracy, ...)
     DIR/accuracy_heatmap.png, accuracy_curves.png        plots of the matrix
+    DIR/README.md                                        the run's model card (peft_ext.hub)
+    DIR/compare-METHOD/                                  the run of --compare-with METHOD (the CLI)
     DIR/checkpoints/task-XX/                             per-task checkpoint (resume)
     DIR/trainer/task-XX/                                 the Trainer's output_dir while task XX trains
     DIR/peft_ext_run.json, .peft_ext.lock                the run's fingerprint, and the lock held while it runs
