@@ -29,15 +29,28 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _text(path: Path) -> str:
+def _text(path: Path, what: str = "") -> str:
+    """The file's text; ``what`` (e.g. ``"Task file"``) names the kind of file in the one-line error."""
+    named = f"{what} {path}" if what else str(path)
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise DataFileError(f"Cannot read {path}: {err.strerror or _first_line(err)}.") from None
+        raise DataFileError(f"Cannot read {named[0].lower()}{named[1:]}: {err.strerror or _first_line(err)}.") from None
     try:
         return raw.decode("utf-8-sig")  # a byte-order mark, as some editors write it, is not part of the data
     except UnicodeDecodeError as err:
-        raise DataFileError(f"{path} is not UTF-8 text (invalid byte at offset {err.start}).") from None
+        raise DataFileError(f"{named} is not UTF-8 text (invalid byte at offset {err.start}).") from None
+
+
+def read_json_file(path: Path, what: str = "") -> Any:
+    """The JSON value in ``path`` (a data file, a task file, a method config); :class:`DataFileError` with one line
+    naming the file (and ``what`` it is) when it cannot be read, is not UTF-8 or is not valid JSON."""
+    text = _text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        named = f"{what} {path}" if what else str(path)
+        raise DataFileError(f"{named} is not valid JSON: {err.msg} (line {err.lineno}).") from None
 
 
 def _rows_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -56,10 +69,7 @@ def _rows_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _rows_json(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(_text(path))
-    except json.JSONDecodeError as err:
-        raise DataFileError(f"{path} is not valid JSON: {err.msg} (line {err.lineno}).") from None
+    data = read_json_file(path)
     if isinstance(data, list):
         bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
         if bad is not None:
@@ -152,4 +162,4 @@ def read_data_file(path: Path) -> Dataset:
     return ds
 
 
-__all__ = ["SUFFIXES", "DataFileError", "missing_value", "read_data_file", "value_string"]
+__all__ = ["SUFFIXES", "DataFileError", "missing_value", "read_data_file", "read_json_file", "value_string"]

@@ -17,7 +17,6 @@ evaluation). Adding a method means registering one class (:func:`register_strate
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -26,6 +25,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .data_files import read_json_file
 from .heads import TaskHeadClassifier
 
 
@@ -68,12 +68,7 @@ def load_method_config(source: Optional[str]) -> dict[str, Any]:
                 f"{', '.join(list_presets())}."
             )
         return preset_dict(source)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"Method config {path} is not UTF-8 text (invalid byte at offset {err.start}).") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Method config {path} is not valid JSON: {err.msg} (line {err.lineno}).") from None
+    data = read_json_file(path, "Method config")  # DataFileError is a ValueError with one line naming the file
     if not isinstance(data, dict):
         raise ValueError(f"Method config {path} must hold a JSON object.")
     return data

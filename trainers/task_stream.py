@@ -9,7 +9,6 @@ local ``.jsonl``/``.json``/``.csv``/``.parquet`` files or hub dataset ids), or i
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from datasets import Dataset
 
 from peft_ext.routing.tasks import check_task_name
 
-from .data_files import SUFFIXES, DataFileError, missing_value, read_data_file, value_string
+from .data_files import SUFFIXES, DataFileError, missing_value, read_data_file, read_json_file, value_string
 from .run_folder import data_digest
 
 
@@ -198,13 +197,9 @@ def load_task_stream(path: Union[str, os.PathLike]) -> list[Task]:
     if not path.is_file():
         raise TaskStreamError(f"Task file not found: {path}")
     try:
-        entries = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise TaskStreamError(f"Task file {path} is not UTF-8 text (invalid byte at offset {err.start}).") from None
-    except json.JSONDecodeError as err:
-        raise TaskStreamError(f"Task file {path} is not valid JSON: {err.msg} (line {err.lineno}).") from None
-    except OSError as err:
-        raise TaskStreamError(f"Cannot read task file {path}: {err.strerror or err}.") from None
+        entries = read_json_file(path, "Task file")
+    except DataFileError as err:
+        raise TaskStreamError(str(err)) from None
     if not isinstance(entries, list):
         raise TaskStreamError(f"{path} must hold a JSON list of tasks, got {type(entries).__name__}.")
     entries = [_check_entry(entry, i, path) for i, entry in enumerate(entries)]
