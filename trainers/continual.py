@@ -355,6 +355,7 @@ class ContinualSchedule:
         self.state = PartialState()
         self.collator = DataCollatorWithPadding(tokenizer)
         self.classifier: Optional[TaskHeadClassifier] = None
+        self._encoded: dict[tuple[str, str, Optional[int]], Dataset] = {}  # see encode()
         # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
         self._base: Optional[PreTrainedModel] = None
         self._peft_model: Optional[PeftModel] = None
@@ -372,9 +373,14 @@ class ContinualSchedule:
         return ds
 
     def encode(self, task: Task, split: str, limit: Optional[int] = None) -> Dataset:
-        ds = self._split(task, split, limit)
-        enc = self.tokenizer([str(t) for t in ds[task.text_column]], truncation=True, max_length=self.max_length)
-        return Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
+        """``task``'s ``split`` tokenized, with label ids; tokenized once per run (each eval split is read again
+        after every later task, each train split by the Trainer, the selector and the chance check)."""
+        key = (task.name, split, limit)
+        if key not in self._encoded:
+            ds = self._split(task, split, limit)
+            enc = self.tokenizer([str(t) for t in ds[task.text_column]], truncation=True, max_length=self.max_length)
+            self._encoded[key] = Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
+        return self._encoded[key]
 
     def _loader(self, encoded: Dataset, with_labels: bool) -> DataLoader:
         cols = [c for c in encoded.column_names if with_labels or c != "labels"]
