@@ -225,7 +225,7 @@ def continual_table(base, quick: bool) -> None:
 
 
 def ddas_overhead(base, quick: bool, num_tasks: int = 10, batch: int = 32) -> None:
-    from peft_ext.routing.tasks import pool_tokens
+    from peft_ext.routing.core import pool_tokens
 
     model = _moecl(base, "gather")
     for t in range(1, num_tasks):

@@ -249,7 +249,7 @@ def test_bert_residual_placement_is_inside_the_residual_sum():
     h = torch.randn(2, 5, 32)  # intermediate activations
     resid = torch.randn(2, 5, 16)  # post-attention stream (input_tensor)
     with torch.no_grad():
-        model.base_model.routing.start_forward(None)
+        model.base_model.routing.start_scope("", None)
         out = layer(h, resid)
         tasks = torch.zeros(2, dtype=torch.long)
         delta = layer._mixture("default", resid, tasks)
@@ -342,7 +342,7 @@ def test_end_task_recount_freezes_the_experts_eval_routes_use(recount):
     counts = layer.moecl_router["task0"].counts[0].tolist()
     assert counts == ([0, 0, 6, 6] if recount else [10, 9, 0, 0])
     assert model.training and layer.training  # modes restored
-    assert not model.base_model.routing.count_routes
+    assert not layer.recounting
     with torch.no_grad():
         model(x=x)  # training-mode forward after the task ended: nothing counted any more
     assert layer.moecl_router["task0"].counts[0].tolist() == counts

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
-from peft_ext.routing.tasks import RoutingState, check_task_name, pool_tokens
+from peft_ext.routing.core import RoutingState, pool_tokens
+from peft_ext.routing.tasks import check_task_name
 
 
 def test_pool_tokens_modes_hand_checked():
@@ -19,29 +22,41 @@ def test_pool_tokens_modes_hand_checked():
         pool_tokens(x, "cls")
 
 
-def test_routing_state_resolves_once_per_forward():
+def _state(scopes=("",)):
     state = RoutingState()
     state.task_names["default"] = ["t0", "t1"]
     state.active_task["default"] = "t1"
+    state.scopes = list(scopes)
+    return state
+
+
+def test_routing_state_decides_once_per_forward():
+    state = _state()
     x = torch.zeros(3, 4, 8)
-    state.start_forward(None)
-    assert state.sample_tasks("default", x).tolist() == [1, 1, 1]
-    state.requested = ["t0", None, "none"]
-    assert state.sample_tasks("default", x).tolist() == [1, 1, 1]  # cached for this forward
-    state.start_forward(None)
-    assert state.sample_tasks("default", x).tolist() == [0, -1, -1]
-    state.start_forward(None)
-    state.requested = "t9"
+    state.start_scope("", None)
+    assert state.decide("default", "", x).tasks.tolist() == [1, 1, 1]
+    state.set_request(["t0", None, "none"])
+    assert state.decide("default", "", x).tasks.tolist() == [1, 1, 1]  # made once for this forward
+    state.start_scope("", None)
+    assert state.decide("default", "", x).tasks.tolist() == [0, -1, -1]
+    state.start_scope("", None)
+    state.set_request("t9")
     with pytest.raises(ValueError, match="Unknown task 't9'"):
-        state.sample_tasks("default", x)
-    state.start_forward(None)
-    state.requested = ["t0"]
+        state.decide("default", "", x)
+    state.start_scope("", None)
+    state.set_request(["t0"])
     with pytest.raises(ValueError, match="1 entries but the batch has 3"):
-        state.sample_tasks("default", x)
-    state.start_forward(None)
-    state.requested = "auto"
+        state.decide("default", "", x)
+    state.start_scope("", None)
+    state.set_request("auto")
     with pytest.raises(ValueError, match="task selector"):
-        state.sample_tasks("default", x)
+        state.decide("default", "", x)
+
+
+def test_decision_is_immutable():
+    decision = _state().decide("default", "", torch.zeros(2, 8))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.uniform = 0
 
 
 @pytest.mark.parametrize(
@@ -57,35 +72,66 @@ def test_routing_state_resolves_once_per_forward():
     ],
 )
 def test_uniform_task_known_without_reading_the_tensor(requested, tasks, uniform):
-    state = RoutingState()
-    state.task_names["default"] = ["t0", "t1"]
-    state.active_task["default"] = "t1"
+    state = _state()
     state.selector = lambda adapter, pooled: torch.tensor([1, -1, 0])
-    state.requested = requested
-    state.start_forward(None)
-    assert state.sample_tasks("default", torch.zeros(3, 4, 8)).tolist() == tasks
-    assert state.uniform_task("default") == uniform
-    state.start_forward(None)
-    assert state.uniform_task("default") is None  # a new forward: nothing resolved yet
+    state.set_request(requested)
+    state.start_scope("", None)
+    decision = state.decide("default", "", torch.zeros(3, 4, 8))
+    assert decision.tasks.tolist() == tasks
+    assert decision.uniform == uniform
+    state.start_scope("", None)
+    assert state.decision("default", "") is None  # a new forward: nothing decided yet
 
 
 def test_continuing_forward_keeps_the_decisions_of_its_prompt():
-    state = RoutingState()
-    state.task_names["default"] = ["t0", "t1"]
-    state.active_task["default"] = "t1"
+    state = _state()
     picks = iter([torch.tensor([0, -1]), torch.tensor([1, 1])])
     state.selector = lambda adapter, pooled: next(picks)
-    state.requested = "auto"
-    state.start_forward(None)  # the prompt
-    assert state.sample_tasks("default", torch.zeros(2, 5, 8)).tolist() == [0, -1]
-    state.start_forward(None, continues=True)  # a decoding step on the cache
-    assert state.sample_tasks("default", torch.zeros(2, 1, 8)).tolist() == [0, -1]
-    state.requested = "t0"  # another request in a continuing forward: decided again
-    state.start_forward(None, continues=True)
-    assert state.sample_tasks("default", torch.zeros(2, 1, 8)).tolist() == [0, 0]
-    state.requested = "auto"
-    state.start_forward(None)  # a new prompt
-    assert state.sample_tasks("default", torch.zeros(2, 5, 8)).tolist() == [1, 1]
+    state.set_request("auto")
+    state.start_scope("", None)  # the prompt
+    assert state.decide("default", "", torch.zeros(2, 5, 8)).tasks.tolist() == [0, -1]
+    state.start_scope("", None, continues=True)  # a decoding step on the cache
+    assert state.decide("default", "", torch.zeros(2, 1, 8)).tasks.tolist() == [0, -1]
+    state.set_request("t0")  # another request in a continuing forward: decided again
+    state.start_scope("", None, continues=True)
+    assert state.decide("default", "", torch.zeros(2, 1, 8)).tasks.tolist() == [0, 0]
+    state.set_request("auto")
+    state.start_scope("", None)  # a new prompt
+    assert state.decide("default", "", torch.zeros(2, 5, 8)).tasks.tolist() == [1, 1]
+
+
+def test_towers_have_their_own_decisions_and_follow_the_primary_one():
+    # CLIP-like: images (primary) and class prompts of another batch size. Before the routing core had scopes, a
+    # text batch of the image batch's size silently took the images' decision, and "auto" ran the selector on
+    # text features of the wrong size.
+    state = _state(("vision_model", "text_model"))
+    calls = []
+    state.selector = lambda adapter, pooled: calls.append(pooled.shape) or torch.tensor([1, -1, 0])
+    with state.route("auto"):
+        state.start_scope("vision_model", None)
+        images = state.decide("default", "vision_model", torch.zeros(3, 5, 8))
+        state.start_scope("text_model", None)
+        same_size = state.decide("default", "text_model", torch.zeros(3, 7, 4))
+        assert same_size.tasks.tolist() == images.tasks.tolist() == [1, -1, 0]
+        assert calls == [torch.Size([3, 8])]  # the selector read the image side only
+        state.start_scope("text_model", None)
+        with pytest.raises(ValueError, match="text_model batch has 5 samples and cannot follow"):
+            state.decide("default", "text_model", torch.zeros(5, 7, 4))
+    with state.route("t0"):  # one task: every tower, any batch size
+        state.start_scope("text_model", None)
+        assert state.decide("default", "text_model", torch.zeros(5, 7, 4)).tasks.tolist() == [0] * 5
+    with state.route("auto"):  # a new block: no image decision to follow yet
+        state.start_scope("text_model", None)
+        with pytest.raises(ValueError, match="follows the routing of vision_model"):
+            state.decide("default", "text_model", torch.zeros(3, 7, 4))
+    state.selector = lambda adapter, pooled: torch.tensor([1, 1, 1])
+    with state.route("auto"):
+        state.start_scope("vision_model", None)
+        state.decide("default", "vision_model", torch.zeros(3, 5, 8))
+        state.start_scope("text_model", None)
+        # a per-sample decision that happens to pick one task does not broadcast (only a known-uniform one does)
+        with pytest.raises(ValueError, match="cannot follow"):
+            state.decide("default", "text_model", torch.zeros(4, 7, 4))
 
 
 @pytest.mark.parametrize("name", ["", "a.b", "none", "auto", 3])

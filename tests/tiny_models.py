@@ -52,3 +52,18 @@ def tiny_llama():
         pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_clip():
+    """A ``CLIPModel`` with 2-layer towers of different widths (text: vocab 99, hidden 24; vision: 32x32 images,
+    patch 8, hidden 32; projection 16), seeded, in eval mode."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tower = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = CLIPConfig(
+        text_config={**tower, "hidden_size": 24, "vocab_size": 99, "max_position_embeddings": 32},
+        vision_config={**tower, "hidden_size": 32, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    return CLIPModel(cfg).eval()

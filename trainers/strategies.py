@@ -301,14 +301,16 @@ class _RoutedStrategy(ContinualStrategy):
         return model.route(task)
 
     def infer_tasks(self, classifier, batch, tasks):
+        # One forward: the selector picks each sample's task (or the base model) inside it, and each sample runs
+        # with its pick; the features are then classified by the picked task's head.
         model = classifier.encoder
-        names = [n if n in tasks else None for n in model.predict_tasks(batch)]  # None: the selector says "no task"
+        with model.route("auto"):
+            features = classifier.features(**batch)
+        names = [n if n in tasks else None for n in model.routed_tasks()]  # None: the selector says "no task"
         preds = torch.full((len(names),), -1, dtype=torch.long)
         for task in set(n for n in names if n is not None):
             rows = [i for i, n in enumerate(names) if n == task]
-            sub = {k: v[rows] for k, v in batch.items()}
-            with model.route(task):
-                preds[rows] = classifier.logits(classifier.features(**sub), task).argmax(-1).cpu()
+            preds[rows] = classifier.logits(features[rows], task).argmax(-1).cpu()
         return names, preds
 
 

@@ -5,9 +5,10 @@ distribution of that task's inputs. At inference without a task id (``task_ids="
 reconstructs the input's features; the task whose autoencoder does best wins, and when even the winner's error is
 above that task's threshold the sample bypasses all adapters (task index ``-1``: the untouched base model).
 
-Features. The pooled input (``routing_token``: first / mean / last token) of the *first routed layer*, captured with
-the adapters disabled, i.e. a frozen base-model feature. At inference the first routed layer's input is the same
-tensor (no adapter runs before it), so the selector costs only its own autoencoders, no extra model pass. Each
+Features. The pooled input (``routing_token``: first / mean / last token) of the *first routed layer* of the primary
+scope (:mod:`~peft_ext.routing.core`; the image tower of CLIP), captured by a forward pre-hook while the model runs
+as the base model, i.e. a frozen base-model feature. At inference the first routed layer's input is the same tensor
+(no adapter runs before it), so the selector costs only its own autoencoders, no extra model pass. Each
 task's features are standardized with that task's mean/std and squashed by a sigmoid (the paper feeds
 sigmoid-squashed CNN features), so an input from another distribution lands far out and reconstructs badly.
 
@@ -33,8 +34,9 @@ adapter. All autoencoders of an adapter are stacked into buffers (one ``bmm`` ev
 shapes are rebuilt from the config (``selector_feature_dim``, ``selector_hidden``, ``selector_tasks``,
 ``selector_reference``), which ``fit_*`` keep up to date.
 
-Layer contract (for any tuner using :class:`TaskSelectorMixin`): its layers call ``routing.observe(adapter, x)``
-on their input *even while adapters are disabled*, and ``routing.sample_tasks(adapter, x)`` for the task indices.
+Layer contract (for any tuner using :class:`TaskSelectorMixin`): its layers take their decision from
+``routing.decide(adapter, layer.routing_scope, x)`` and have ``routing_input(args, kwargs)``, the tensor that
+decision is made on (what feature capture reads).
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from .core import AUTO_TASK, BASE_MODEL_TASK, pool_tokens
 from .tasks import check_task_name, eval_mode
 
 
@@ -319,10 +321,6 @@ class TaskSelector(nn.Module):
 # ------------------------------------------------------------------------------------------------------------------
 # tuner mixin
 # ------------------------------------------------------------------------------------------------------------------
-class _CaptureDone(Exception):
-    """Raised by a hook once the first routed layer's input was captured: the rest of the forward is not needed."""
-
-
 class TaskSelectorMixin:
     """DDAS for a ``BaseTuner`` that also uses :class:`~peft_ext.routing.tasks.ContinualTunerMixin`.
 
@@ -397,65 +395,54 @@ class TaskSelectorMixin:
 
     @torch.no_grad()
     def predict_tasks(self, batch: Mapping[str, Any], adapter_name: Optional[str] = None) -> list[Optional[str]]:
-        """The selector's choice for each sample of ``batch`` (model inputs), ``None`` = base model.
+        """The selector's choice for each sample of ``batch`` (model inputs), ``None`` = base model: one forward
+        under ``task_ids="auto"`` in eval mode, read back with :meth:`routed_tasks`.
 
         E.g. to see (or override) what ``with model.route("auto"): model.generate(...)`` will pick: there the
         selector decides on the prompt and the decoding steps keep that task.
         """
         name = self._continual_adapter(adapter_name)
-        features = self.collect_selector_features([batch], adapter_name=name)
-        choice = self._select_for_routing(name, features.to(self._model_device()))
-        tasks = self.peft_config[name].task_names
-        return [tasks[i] if i >= 0 else None for i in choice.tolist()]
+        with eval_mode(self.model), self.route(AUTO_TASK):
+            self.run_inputs(batch)
+        return self.routed_tasks(name)
 
     # -- fitting --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect_selector_features(
         self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None
     ) -> torch.Tensor:
-        """Pooled input of the first routed layer, with adapters disabled and the model in eval mode, for every
-        sample of ``batches`` (dicts of model inputs) -> ``(N, F)`` float32. Modes, flags and requires_grad are
-        restored afterwards; the forward stops right after the first routed layer."""
+        """Pooled input of the primary scope's first routed layer, with the model running as the base model
+        (``task_ids="none"``) in eval mode, for every sample of ``batches`` (dicts of model inputs) -> ``(N, F)``
+        float32. Modes are restored afterwards."""
         name = self._continual_adapter(adapter_name)
-        routing = self.routing
-        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        layers = self._routed_layers(self.routing.primary_scope)
         if not layers:
             raise ValueError("The model has no adapted layer to take selector features from.")
-        disabled = [(m, m._disable_adapters) for m in layers]
-        token_modes = dict(routing.routing_token)
+        mode = self.routing.routing_token.get(name, "first")
         captured: list[torch.Tensor] = []
+        state = {"taken": False}  # one capture per forward: the first routed layer that runs
 
-        def stop(module, args, output):
-            if captured:
-                raise _CaptureDone
+        def capture(layer, args, kwargs):
+            if not state["taken"]:
+                state["taken"] = True
+                x = layer.routing_input(args, kwargs)
+                mask = self.routing.attention_mask(layer.routing_scope)
+                captured.append(pool_tokens(x, mode, mask).detach().float().reshape(x.shape[0], -1))
 
-        handles = [m.register_forward_hook(stop) for m in layers]
+        handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in layers]
         try:
-            for m in layers:
-                m._disable_adapters = True
-            routing.routing_token = {k: token_modes.get(name, "first") for k in token_modes}
-            routing.capture = captured
-            with eval_mode(self.model):
+            with eval_mode(self.model), self.route(BASE_MODEL_TASK):
                 for batch in batches:
-                    if not isinstance(batch, Mapping):
-                        raise ValueError(f"Selector batches must be dicts of model inputs, got {type(batch).__name__}.")
-                    before = len(captured)
-                    try:
-                        self.model(**batch)
-                    except _CaptureDone:
-                        pass
-                    if len(captured) == before:
+                    state["taken"] = False
+                    self.run_inputs(batch)
+                    if not state["taken"]:
                         raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
         finally:
-            routing.capture = None
-            routing.routing_token = token_modes
             for h in handles:
                 h.remove()
-            for m, flag in disabled:
-                m._disable_adapters = flag
         if not captured:
             raise ValueError("fit_task_selector got no batches.")
-        return torch.cat([c.reshape(c.shape[0], -1) for c in captured], dim=0)
+        return torch.cat(captured, dim=0)
 
     def _fit_entry(self, name: str, batches, features: Optional[torch.Tensor], seed: int, epochs, lr) -> AutoencoderFit:
         config = self.peft_config[name]

@@ -14,8 +14,8 @@ Which task a forward uses:
   ``"auto"``: the task selector (DDAS) decides per sample. ``generate`` takes the context manager form; its
   decoding steps (forwards that continue a KV cache) keep the task decisions made on the prompt.
 
-The decision is resolved once per forward into a ``(batch,)`` tensor of task indices (``-1`` = base model) that
-every layer reads from the shared :class:`RoutingState`.
+How a request becomes a per-forward decision that every layer reads, and how the towers of a multi-tower model
+(CLIP) are routed, is :mod:`peft_ext.routing.core`'s business.
 
 Per-task tensors are saved by position (task index), and ``adapter_config.json`` names the task at each position.
 So that a config whose lists were cut or reordered cannot load with tasks dropped or swapped, the checkpoint also
@@ -30,34 +30,26 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
+from .core import (
+    AUTO_TASK,
+    BASE_MODEL_TASK,
+    RoutingHooks,
+    RoutingState,
+    TaskIds,
+    find_scopes,
+    forward_inputs,
+    scope_of,
+)
 
-BASE_MODEL_TASK = "none"
-AUTO_TASK = "auto"
-TaskIds = Union[None, str, Sequence[Optional[str]]]
+
 # Config lists that name per-task tensors by position: `task_names` orders every layer's per-task state (AnA's
 # tasks, MoE-CL's routers), `selector_tasks` the task selector's autoencoders. A checkpoint records them.
 RECORDED_TASK_LISTS = ("task_names", "selector_tasks")
-
-
-def check_task_ids(task_ids) -> None:
-    """Raise a one-line ``TypeError`` unless ``task_ids`` has a form routing understands: None, a string (a task
-    name, ``"none"`` or ``"auto"``) or a collection with one entry per sample. The entries and names are checked
-    when the forward resolves them (:meth:`RoutingState.sample_tasks`)."""
-    if task_ids is None or isinstance(task_ids, str):
-        return
-    if isinstance(task_ids, Iterable) and not isinstance(task_ids, (bytes, bytearray)):
-        return
-    got = repr(task_ids)
-    got = got if len(got) <= 60 else got[:57] + "..."
-    raise TypeError(
-        f"task_ids takes a task name, a list of task names (one per sample; None or {BASE_MODEL_TASK!r} for the base "
-        f"model), {BASE_MODEL_TASK!r} or {AUTO_TASK!r}; got {got} ({type(task_ids).__name__})."
-    )
 
 
 @dataclass
@@ -128,35 +120,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def pool_tokens(x: torch.Tensor, mode: str, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reduce token features ``(batch, seq, dim)`` to one vector per sample ``(batch, dim)``.
-
-    ``x`` of shape ``(batch, dim)`` is returned as is. ``attention_mask`` ``(batch, seq)`` (1 = real token) makes
-    'mean' ignore padding and 'last' pick the last real token (right or left padding) -- it is used only when its shape
-    matches ``x``'s first two dimensions (e.g. not inside a Q-Former's query stream).
-    """
-    if x.dim() == 2:
-        return x
-    if x.dim() != 3:
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-    mask = attention_mask if attention_mask is not None and attention_mask.shape == x.shape[:2] else None
-    if mode == "first":
-        return x[:, 0]
-    if mode == "mean":
-        if mask is None:
-            return x.mean(dim=1)
-        m = mask.to(x.dtype).unsqueeze(-1)
-        return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-    if mode == "last":
-        if mask is None:
-            return x[:, -1]
-        # position of the last real token, for right and left padding alike
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (mask.long() * positions).argmax(dim=1)
-        return x[torch.arange(x.shape[0], device=x.device), last]
-    raise ValueError(f"Unknown routing token mode {mode!r}.")
-
-
 class TaskRecord(nn.Module):
     """The task lists of one adapter's config (:data:`RECORDED_TASK_LISTS`), saved with the adapter's tensors so
     that a checkpoint names the tasks its per-task tensors belong to.
@@ -211,142 +174,6 @@ class TaskRecord(nn.Module):
         return
 
 
-class RoutingState:
-    """Routing decision of the current forward, shared (by reference) by a tuner and all of its layers.
-
-    Not a module and holds no weights: it is rebuilt from the config whenever the tuner is built.
-    """
-
-    def __init__(self) -> None:
-        self.task_names: dict[str, list[str]] = {}  # adapter -> task names (the config's own list)
-        self.active_task: dict[str, str] = {}  # adapter -> task used when no task_ids are given
-        self.requested: TaskIds = None  # what the caller asked for (None: the active task)
-        self.attention_mask: Optional[torch.Tensor] = None
-        self.selector: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None  # (adapter, x) -> (batch,)
-        self._resolved: dict[str, torch.Tensor] = {}  # adapter -> (batch,) task indices, for this forward
-        self._uniform: dict[str, Optional[int]] = {}  # adapter -> the one task index of the whole batch, if known
-        self._resolved_request: TaskIds = None  # the request the resolved decisions answer
-        self.capture: Optional[list[torch.Tensor]] = None  # when a list: collect the first layer's input
-        self.routing_token: dict[str, str] = {}
-        self.count_routes = False  # True: layers count the selected experts in eval mode too (MoE-CL's recount)
-        self._captured_this_forward = False
-
-    def start_forward(self, attention_mask: Optional[torch.Tensor], continues: bool = False) -> None:
-        """Reset the per-forward decisions. ``continues``: the forward extends the sequences of the previous one
-        (a decoding step of ``generate`` on a KV cache); the task decisions made on the prompt then stay, as long
-        as the request is the same -- so ``task_ids="auto"`` picks a task once per generated sequence, not once
-        per new token."""
-        self.attention_mask = attention_mask
-        self._captured_this_forward = False
-        if continues and self._resolved and _same_request(self.requested, self._resolved_request):
-            return
-        self._resolved = {}
-        self._uniform = {}
-        self._resolved_request = self.requested
-
-    def task_index(self, adapter_name: str, task_name: str) -> int:
-        names = self.task_names.get(adapter_name, [])
-        if task_name not in names:
-            raise ValueError(f"Unknown task {task_name!r} for adapter {adapter_name!r}; known tasks: {names}.")
-        return names.index(task_name)
-
-    def observe(self, adapter_name: str, x: torch.Tensor) -> None:
-        """Called by a routed layer on its input before any adapter output is added (feature capture)."""
-        if self.capture is not None and not self._captured_this_forward:
-            self._captured_this_forward = True
-            mode = self.routing_token.get(adapter_name, "first")
-            self.capture.append(pool_tokens(x, mode, self.attention_mask).detach().float())
-
-    def sample_tasks(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Task index per sample, ``(batch,)`` long tensor on ``x.device``; ``-1`` means the base model.
-
-        Resolved once per forward (by the first routed layer that asks) and reused by all later layers, so the
-        task selector sees the input of the first adapted layer, which no adapter has touched yet.
-        """
-        cached = self._resolved.get(adapter_name)
-        batch = x.shape[0]
-        if cached is not None and cached.shape[0] == batch:
-            return cached
-        requested = self.requested
-        uniform: Optional[int] = None
-        if requested is None:
-            uniform = self.task_index(adapter_name, self.active_task[adapter_name])
-        elif isinstance(requested, str) and requested == AUTO_TASK:
-            if self.selector is None:
-                raise ValueError("task_ids='auto' needs a fitted task selector; call fit_task_selector(...) first.")
-            idx = self.selector(
-                adapter_name, pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask)
-            )
-        elif isinstance(requested, str):
-            uniform = -1 if requested == BASE_MODEL_TASK else self.task_index(adapter_name, requested)
-        else:
-            names = list(requested)
-            if len(names) != batch:
-                raise ValueError(f"task_ids has {len(names)} entries but the batch has {batch} samples.")
-            values = [-1 if n is None or n == BASE_MODEL_TASK else self.task_index(adapter_name, n) for n in names]
-            if values and all(v == values[0] for v in values):
-                uniform = values[0]
-            else:
-                idx = torch.tensor(values, dtype=torch.long)
-        if uniform is not None:
-            idx = torch.full((batch,), uniform, dtype=torch.long, device=x.device)
-        idx = idx.to(x.device)
-        self._resolved[adapter_name] = idx
-        self._uniform[adapter_name] = uniform
-        return idx
-
-    def uniform_task(self, adapter_name: str) -> Optional[int]:
-        """After :meth:`sample_tasks`: the task index every sample of this forward uses (``-1``: the base model),
-        when that is known without reading the task tensor (a single task name, the active task, or a list of
-        one repeated name); None for a mixed batch or a decision made on the device (``"auto"``).
-
-        Lets layers take the one-router path and skip per-sample masks without a host-device sync.
-        """
-        return self._uniform.get(adapter_name)
-
-
-def _same_request(a: TaskIds, b: TaskIds) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
-        return a == b
-    return list(a) == list(b)
-
-
-def continues_cached_sequence(forward_kwargs: dict) -> bool:
-    """True when a forward extends sequences held in a non-empty KV cache (a decoding step of ``generate``)."""
-    # transformers 5 passes the cache as `cache` (`past_key_values` before, still accepted)
-    past = forward_kwargs.get("cache", forward_kwargs.get("past_key_values"))
-    seq_length = getattr(past, "get_seq_length", None)
-    return bool(seq_length is not None and seq_length() > 0)
-
-
-class _RoutingHooks:
-    """Hooks on the wrapped model: take ``task_ids`` out of the forward kwargs (the model itself does not accept
-    it) and reset the per-forward routing. A class rather than closures so the model stays picklable."""
-
-    def __init__(self, routing: RoutingState) -> None:
-        self.routing = routing
-        self.from_kwarg = False
-        self.previous: TaskIds = None
-
-    def pre_forward(self, module: nn.Module, args, kwargs):
-        if "task_ids" in kwargs:
-            check_task_ids(kwargs["task_ids"])  # before anything changes: the post hook runs after an error too
-            kwargs = dict(kwargs)
-            self.previous = self.routing.requested
-            self.routing.requested = kwargs.pop("task_ids")
-            self.from_kwarg = True
-        self.routing.start_forward(kwargs.get("attention_mask"), continues=continues_cached_sequence(kwargs))
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, args, kwargs, output):
-        if self.from_kwarg:
-            self.routing.requested = self.previous
-            self.from_kwarg = False
-        return output
-
-
 EndTaskReport = dict[str, list[int]]  # what end_task returns: {module name: experts frozen by this call}
 
 
@@ -366,7 +193,8 @@ class ContinualTunerMixin:
       :meth:`fit_task_selector` ``(task_name, batches)`` fits it after a task, :attr:`has_task_selector` says it is
       fitted and :meth:`predict_tasks` ``(batch)`` / ``route("auto")`` use it (:class:`~.selector.TaskSelectorMixin`
       implements them);
-    * :meth:`route` ``(task_ids)``: a context in which forwards serve the given task(s).
+    * :meth:`route` ``(task_ids)``: a context in which forwards serve the given task(s), and :meth:`routed_tasks`:
+      the task each sample of the latest forward used.
 
     Subclasses set ``tuner_layer_cls`` (PEFT's attribute), implement :meth:`end_task` and may override
     :meth:`_on_task_added` and :meth:`delete_task`.
@@ -442,18 +270,32 @@ class ContinualTunerMixin:
         return remapped
 
     def _install_routing_hook(self) -> None:
-        if getattr(self, "_routing_hook_handle", None) is not None:
-            return
-        hooks = _RoutingHooks(self.routing)
-        self._routing_hook_handle = (
-            self.model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True),
-            self.model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True),
-        )
+        """Find the routed scopes (:func:`~.core.find_scopes`), tell every routed layer its scope, and (re)install
+        the routing hooks. Called after every injection: a new adapter may route more towers."""
+        self._remove_routing_hook()
+        layers = [(key, m) for key, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
+        self.routing.scopes = find_scopes(self.model, [key for key, _ in layers])
+        for key, layer in layers:
+            layer.routing_scope = scope_of(key, self.routing.scopes)
+        self._routing_hook_handle = RoutingHooks(self.routing).install(self.model)
 
     def _remove_routing_hook(self) -> None:
         for handle in getattr(self, "_routing_hook_handle", None) or ():
             handle.remove()
         self._routing_hook_handle = None
+
+    def _routed_layers(self, scope: Optional[str] = None) -> list[nn.Module]:
+        """The routed layers (of ``scope``), in module order."""
+        return [
+            m
+            for m in self.model.modules()
+            if isinstance(m, self.tuner_layer_cls) and (scope is None or m.routing_scope == scope)
+        ]
+
+    def run_inputs(self, batch: Mapping[str, Any]) -> Any:
+        """Run the model on ``batch`` (a dict of model inputs; a dual encoder's images or texts alone go through
+        its ``get_image_features`` / ``get_text_features``), under the current routing."""
+        return forward_inputs(self.model, batch)
 
     # -- public API --------------------------------------------------------------------------------------
     def _continual_adapter(self, adapter_name: Optional[str]) -> str:
@@ -533,10 +375,15 @@ class ContinualTunerMixin:
     @contextlib.contextmanager
     def route(self, task_ids: TaskIds) -> Iterator[None]:
         """Context manager: forwards (and ``generate``) inside use ``task_ids`` (see the module docstring)."""
-        check_task_ids(task_ids)
-        previous = self.routing.requested
-        self.routing.requested = task_ids
-        try:
+        with self.routing.route(task_ids):
             yield
-        finally:
-            self.routing.requested = previous
+
+    def routed_tasks(self, adapter_name: Optional[str] = None, scope: Optional[str] = None) -> list[Optional[str]]:
+        """The task each sample of the latest forward of ``scope`` (default: the primary scope, the side a task
+        selector reads) used, ``None`` for the base model; e.g. what ``task_ids="auto"`` picked."""
+        name = self._continual_adapter(adapter_name)
+        decision = self.routing.decision(name, self.routing.primary_scope if scope is None else scope)
+        if decision is None:
+            raise ValueError("No routed forward yet: run the model before asking which tasks it used.")
+        tasks = self.peft_config[name].task_names
+        return [tasks[i] if i >= 0 else None for i in decision.tasks.tolist()]

@@ -19,6 +19,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...routing.core import WHOLE_MODEL_SCOPE
 from ...routing.experts import ParameterCache
 from ...routing.gating import GateOutput, noisy_top_k_gating
 from .config import AnAConfig
@@ -115,6 +116,7 @@ class AnALayer(BaseTunerLayer):
         # number of leading tasks that are frozen (every task but the last; all of them after end_task)
         self.ana_num_frozen: dict[str, int] = {}
         self.routing = None  # the tuner's RoutingState (plain reference, set by AnAModel)
+        self.routing_scope = WHOLE_MODEL_SCOPE  # the routed scope (tower) the layer is in, set by AnAModel
         # stacked task paths, rebuilt when a parameter they come from changes (see _task_paths)
         self.__dict__["_ana_cache"] = ParameterCache(max_entries=2 * STACK_CACHE_TASKS)
         self._disable_adapters = False
@@ -414,15 +416,20 @@ class AnALayer(BaseTunerLayer):
         return out
 
     def _sample_tasks(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[int]]:
-        """``(task index per sample (batch,), the batch's one task index if known)``, see ``RoutingState``."""
+        """``(task index per sample (batch,), the batch's one task index if known)``, see
+        :class:`~peft_ext.routing.core.RoutingDecision`."""
         routing = self.routing
         if routing is None or adapter_name not in routing.task_names:
             # injected without an AnAModel (inject_adapter_in_model): use the last task
             last = len(self.ana_tasks[adapter_name]) - 1
             return torch.full((x.shape[0],), last, dtype=torch.long, device=x.device), last
-        routing.observe(adapter_name, x)
-        tasks = routing.sample_tasks(adapter_name, x)
-        return tasks, routing.uniform_task(adapter_name)
+        decision = routing.decide(adapter_name, self.routing_scope, x)
+        return decision.tasks, decision.uniform
+
+    @staticmethod
+    def routing_input(args: tuple, kwargs: dict) -> torch.Tensor:
+        """The tensor routing decides on: the layer's input."""
+        return args[0] if args else kwargs["x"]
 
     # -- merging (exact only for a single task) -------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,11 +515,6 @@ class AnALinear(nn.Module, AnALayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            if self.routing is not None:
-                # the task selector takes its features from a forward with adapters disabled
-                for adapter_name in self.active_adapters:
-                    if adapter_name in self.ana_tasks:
-                        self.routing.observe(adapter_name, x)
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)

@@ -10,9 +10,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...routing.core import WHOLE_MODEL_SCOPE, RoutingState, pool_tokens
 from ...routing.experts import ExpertPool
 from ...routing.gating import GateOutput, load_balancing_loss, noisy_top_k_gating
-from ...routing.tasks import RoutingState, pool_tokens
 from ..regularization import RegularizedLayerMixin
 
 
@@ -101,7 +101,8 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
 
     Per adapter: ``moecl_experts[adapter]`` (:class:`~peft_ext.routing.experts.ExpertPool`, with the frozen mask)
     and ``moecl_router[adapter]`` (:class:`TaskRouters`). ``moecl_config[adapter]`` is the adapter's live config
-    (task names, ended tasks, hyper-parameters). ``routing`` is the tuner's shared :class:`RoutingState`.
+    (task names, ended tasks, hyper-parameters). ``routing`` is the tuner's shared :class:`RoutingState`,
+    ``routing_scope`` the routed scope (tower) the layer is in, set by the tuner.
     """
 
     adapter_layer_names = ("moecl_experts", "moecl_router")
@@ -117,6 +118,8 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         self._disable_adapters = False
         self.merged_adapters = []
         self.routing = routing
+        self.routing_scope = WHOLE_MODEL_SCOPE
+        self.recounting = False  # True while MoECLModel recounts a task's routes: count them in eval mode too
         self.attach_mode = resolve_attach_mode(base_layer, config.attach_mode)
         self.in_features, self.out_features = infer_feature_sizes(base_layer, self.attach_mode)
         self._active_adapter = adapter_name
@@ -221,7 +224,9 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         return  # nothing can be merged
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def _expert_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def routing_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The tensor the experts read (and routing decides on): the residual stream in residual mode, else the
+        block's input."""
         if self.attach_mode == "residual":
             if len(args) > 1:
                 return args[1]
@@ -266,7 +271,7 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         caller knows it (one router, no per-sample mask). Returns ``GateOutput`` with ``top_gates`` ``(B, k)``."""
         config = self.moecl_config[name]
         router = self.moecl_router[name]
-        pooled = pool_tokens(x, config.routing_token, self.routing.attention_mask)  # (B, d)
+        pooled = pool_tokens(x, config.routing_token, self.routing.attention_mask(self.routing_scope))  # (B, d)
         allowed = self._allowed_experts(name, config, len(router))
         if uniform is not None or len(router) == 1:
             task = max(uniform, 0) if uniform is not None else 0
@@ -297,7 +302,7 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         gate = self.route(name, x, tasks, uniform)
         if self.training:
             self._record_training_stats(name, config, gate.gates, tasks)
-        elif self.routing.count_routes:
+        elif self.recounting:
             self._count_selected(name, config, gate.gates, tasks)
         return pool(x, gate.top_gates, gate.top_indices, dispatch=config.dispatch, scale=config.scaling)
 
@@ -333,25 +338,17 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
         return any(self.moecl_config[a].balance_loss_weight > 0 for a in self.active_adapters if a in self.moecl_config)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        routing = self.routing
         adapters = [a for a in self.active_adapters if a in self.moecl_experts]
         if self.disable_adapters or not adapters or self.merged:
-            if routing.capture is not None:
-                # the task selector collects base-model features with adapters disabled
-                names = adapters or list(self.moecl_experts.keys())
-                if names:
-                    routing.observe(names[0], self._expert_input(args, kwargs))
             return self.base_layer(*args, **kwargs)
 
-        x = self._expert_input(args, kwargs)
+        x = self.routing_input(args, kwargs)
         delta = None
         for name in adapters:
-            routing.observe(name, x)
-            tasks = routing.sample_tasks(name, x)
-            uniform = routing.uniform_task(name)
-            if uniform == -1:
+            decision = self.routing.decide(name, self.routing_scope, x)
+            if decision.uniform == -1:
                 continue  # the whole batch asked for the base model: skip the experts entirely
-            y = self._mixture(name, x, tasks, uniform)
+            y = self._mixture(name, x, decision.tasks, decision.uniform)
             delta = y if delta is None else delta + y
         if delta is None:
             return self.base_layer(*args, **kwargs)

@@ -245,15 +245,18 @@ class MoECLModel(
         """Replace task ``index``'s activation counts by its eval-mode routes on ``batches``."""
         for layer in self._layers(name):
             layer.reset_counts(name, index)
-        self.routing.count_routes = True
+        layers = self._layers(name)
+        for layer in layers:
+            layer.recounting = True
         try:
             with eval_mode(self.model), self.route(task_name):
                 for batch in batches:
                     if not isinstance(batch, Mapping):
                         raise ValueError(f"end_task batches must be dicts of model inputs, got {type(batch).__name__}.")
-                    self.model(**batch)
+                    self.run_inputs(batch)
         finally:
-            self.routing.count_routes = False
+            for layer in layers:
+                layer.recounting = False
 
     def frozen_experts(self, adapter_name: Optional[str] = None) -> dict[str, list[int]]:
         """``{module name: indices of frozen experts}`` of ``adapter_name``."""
