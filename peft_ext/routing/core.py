@@ -7,10 +7,11 @@ A **decision** (:class:`RoutingDecision`) is what a forward does with it: a ``(b
 of that scope in the same forward.
 
 **Scopes.** A model with several towers -- CLIP's ``vision_model`` and ``text_model``, BLIP-2's ``vision_model``,
-``qformer`` and ``language_model`` -- routes each tower with its own decision: the towers see different batches (a
-CLIP text tower embeds class prompts, not the images), so they cannot share one. Any other model is one scope,
-``""``. The *primary* scope (the image side of a vision-language model: ``vision_model`` when present, else the
-first routed tower) is the one a per-sample request describes and the task selector reads; every other scope
+``qformer`` and ``language_model`` -- routes each adapted tower with its own decision: the towers see different
+batches (a CLIP text tower embeds class prompts, not the images), so they cannot share one, and a tower can run
+without the model's own forward (``get_image_features``). Any other model is one scope, ``""``. The *primary*
+scope (the image side of a vision-language model: ``vision_model`` when present, else the first routed tower) is
+the one a per-sample request describes and the task selector reads; every other scope
 **follows** the primary scope's latest decision for the same request: unchanged when its batch has the same size,
 broadcast when the primary decision is one task for the whole batch, refused with a one-line error otherwise. A
 request naming one task (or none) applies to every scope directly.
@@ -134,11 +135,12 @@ def continues_cached_sequence(forward_kwargs: dict) -> bool:
 
 def find_scopes(model: nn.Module, routed_names: Iterable[str]) -> list[str]:
     """The routed scopes of ``model``, given the module names of its routed layers: the towers of
-    :data:`TOWER_NAMES` holding routed layers when there are two or more, else ``[""]`` (the whole model). The
-    primary scope comes first."""
-    towers = {name.split(".", 1)[0] for name in routed_names}
-    found = [t for t in TOWER_NAMES if t in towers and isinstance(getattr(model, t, None), nn.Module)]
-    return found if len(found) >= 2 else [WHOLE_MODEL_SCOPE]
+    :data:`TOWER_NAMES` holding them, when every routed layer lies in one (a tower adapted alone is a scope too:
+    ``get_image_features`` runs the image tower without the model's own forward), else ``[""]`` (the whole
+    model). The primary scope comes first."""
+    heads = {name.split(".", 1)[0] for name in routed_names}
+    found = [t for t in TOWER_NAMES if t in heads and isinstance(getattr(model, t, None), nn.Module)]
+    return found if found and heads <= set(found) else [WHOLE_MODEL_SCOPE]
 
 
 def scope_of(module_name: str, scopes: Sequence[str]) -> str:
