@@ -56,14 +56,28 @@ def tiny_llama():
 
 def tiny_clip():
     """A ``CLIPModel`` with 2-layer towers of different widths (text: vocab 99, hidden 24; vision: 32x32 images,
-    patch 8, hidden 32; projection 16), seeded, in eval mode."""
+    patch 8, hidden 32; projection 16), seeded, in eval mode; its text tower pools at the first ``<|endoftext|>``
+    (id 1), where :func:`clip_tokenizer` ends a text."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     tower = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {"hidden_size": 24, "vocab_size": 99, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1}
     cfg = CLIPConfig(
-        text_config={**tower, "hidden_size": 24, "vocab_size": 99, "max_position_embeddings": 32},
+        text_config={**tower, **text, "pad_token_id": 1},
         vision_config={**tower, "hidden_size": 32, "image_size": 32, "patch_size": 8},
         projection_dim=16,
     )
     return CLIPModel(cfg).eval()
+
+
+def clip_tokenizer():
+    """CLIP's byte-level BPE over single letters (word ends as ``x</w>``) plus two merged words, built offline."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    letters = list(string.ascii_lowercase)
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters), "ca", "cat</w>"]
+    merges = [("c", "a"), ("ca", "t</w>")]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=32)

@@ -23,13 +23,20 @@ HEADS_WEIGHTS = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
 
 
+POOLING_MODES = ("mean", "cls", "max")
+
+
 def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """Sentence vector ``(batch, hidden)`` from token states ``(batch, seq, hidden)``: 'mean' over real tokens
-    (attention_mask 1) or 'cls' (first token)."""
+    """Sentence vector ``(batch, hidden)`` from token states ``(batch, seq, hidden)``: 'mean' or 'max' over real
+    tokens (attention_mask 1), or 'cls' (first token) -- sentence-transformers' Pooling modes."""
     if mode == "cls":
         return hidden[:, 0]
+    if mode == "max":
+        if attention_mask is None:
+            return hidden.max(dim=1).values
+        return hidden.masked_fill((attention_mask == 0).unsqueeze(-1), torch.finfo(hidden.dtype).min).max(dim=1).values
     if mode != "mean":
-        raise ValueError(f"pooling must be 'mean' or 'cls', got {mode!r}.")
+        raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {mode!r}.")
     if attention_mask is None:
         return hidden.mean(dim=1)
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)
@@ -45,13 +52,13 @@ class TaskHeadClassifier(nn.Module):
     Args:
         encoder (`nn.Module`): returns ``last_hidden_state`` (batch, seq, hidden) for ``input_ids``/``attention_mask``.
         hidden_size (`int`): width of the encoder's hidden states.
-        pooling (`str`): 'mean' (masked mean over tokens) or 'cls'.
+        pooling (`str`): 'mean' or 'max' (over real tokens) or 'cls'.
     """
 
     def __init__(self, encoder: nn.Module, hidden_size: int, pooling: str = "mean") -> None:
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}.")
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {pooling!r}.")
         self.encoder = encoder
         self.hidden_size = hidden_size
         self.pooling = pooling
@@ -138,4 +145,4 @@ class TaskHeadClassifier(nn.Module):
             self.labels[task] = list(labels)
 
 
-__all__ = ["HEADS_CONFIG", "HEADS_WEIGHTS", "TaskHeadClassifier", "pool"]
+__all__ = ["HEADS_CONFIG", "HEADS_WEIGHTS", "POOLING_MODES", "TaskHeadClassifier", "pool"]
