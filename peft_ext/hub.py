@@ -428,12 +428,17 @@ def build_model_card(
             ("last", "Last (average accuracy after the last task)"),
             ("bwt", "BWT (backward transfer)"),
             ("forgetting", "Forgetting"),
+            ("transfer", "Transfer (MTIL: accuracy on each task before it is trained)"),
+            ("avg_all", "Avg of the whole matrix (MTIL's Avg)"),
         ):
-            if key in metrics:
+            if metrics.get(key) is not None:
                 text.append(
                     f"| {label} | {_score(metrics[key])} |" + (f" {_score(agnostic.get(key))} |" if agnostic else "")
                 )
         text += [""]
+        if metrics.get("accuracy_zero_shot"):
+            cells = ", ".join(f"{t} {_score(a)}" for t, a in zip(tasks, metrics["accuracy_zero_shot"]))
+            text.append(f"- **Zero-shot accuracy** (the untouched model, before any training): {cells}")
         if metrics.get("task_identification") is not None:
             text.append(
                 f"- **Task identification:** {100 * metrics['task_identification']:.1f}% of the evaluation inputs "

@@ -17,6 +17,7 @@ from peft_ext.trainers.testing import make_tiny_bert, save_tiny_model, write_syn
 METRICS_KEYS = [
     "method", "tasks", "accuracy", "accuracy_task_agnostic", "avg", "last", "bwt", "forgetting",
     "task_identification", "trainable_params", "total_params", "train_seconds",
+    "kind", "accuracy_zero_shot", "transfer", "avg_all", "unseen_to_base",
 ]  # fmt: skip
 
 
@@ -47,6 +48,7 @@ def test_end_to_end_outputs(tmp_path, model_dir, tasks_json, capsys):
     assert metrics["method"] == "lora" and metrics["tasks"] == ["colors", "moods"]
     assert metrics["accuracy"][0][1] is None and all(0 <= v <= 1 for v in metrics["accuracy"][1])
     assert metrics["accuracy_task_agnostic"] is None and metrics["task_identification"] is None
+    assert metrics["kind"] == "classification" and metrics["transfer"] is None and metrics["accuracy_zero_shot"] is None
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 
     assert (out / "accuracy_heatmap.png").stat().st_size > 1000

@@ -3,6 +3,7 @@ the schedule's progress record that task checkpoints save."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -153,8 +154,12 @@ def test_progress_state_keys_round_trip():
         "trainable_names": ["a", "b"],
         "task_seconds": [1.5],
         "train_accuracy": [1.0, None],  # added later: optional when read
+        "accuracy_zero_shot": None,  # zero_shot runs only; optional when read
+        "unseen_routing": [0, 0],  # zero_shot runs only; optional when read
     }
     assert _Progress.from_state({**state, "index": 0, "task": "t0"}) == progress
-    old = {k: v for k, v in state.items() if k != "train_accuracy"}
+    later = ("train_accuracy", "accuracy_zero_shot", "unseen_routing")
+    old = {k: v for k, v in state.items() if k not in later}
     assert _Progress.from_state(old).train_accuracy == [None, None]
+    assert _Progress.from_state(old) == dataclasses.replace(progress, train_accuracy=[None, None])
     assert _Progress.empty(2) == _Progress(accuracy=[[None, None], [None, None]], train_accuracy=[None, None])

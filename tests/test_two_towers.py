@@ -110,3 +110,55 @@ def test_auto_decides_on_the_image_and_the_text_side_follows(method):
     with pytest.raises(ValueError, match="follows the routing of vision_model"):
         with torch.no_grad(), model.route("auto"):
             model.get_text_features(**prompts(5))  # no image decision in this block yet
+
+
+def test_zero_shot_training_reaches_the_experts_of_both_towers():
+    from tiny_models import clip_tokenizer
+
+    from peft_ext.trainers.zero_shot import ZeroShotClassifier
+
+    model = get_peft_model(tiny_clip(), MoECLConfig(num_experts=4, r=2, top_k=2, task_names=["t0"])).train()
+    clf = ZeroShotClassifier(model, clip_tokenizer())
+    clf.add_task("t0", ["cat", "dog"], template="a photo of a {}")
+    clf.set_task("t0")
+    loss = clf(pixel_values=images(0, 4, seed=3), labels=torch.tensor([0, 1, 0, 1])).loss
+    loss.backward()
+    grads = {"vision_model": 0.0, "text_model": 0.0}
+    for name, param in model.named_parameters():
+        if "moecl_experts" in name and param.grad is not None:
+            grads[name.split("model.", 2)[2].split(".")[0]] += float(param.grad.abs().sum())
+    assert grads["vision_model"] > 0 and grads["text_model"] > 0  # the prompts' route trains the text experts
+
+
+@pytest.mark.parametrize("method", ["moecl", "ana"])
+def test_two_tower_adapter_round_trip(tmp_path, method):
+    from peft import PeftModel
+
+    model = clip_model(method)
+    fit_selector(model)
+    pixel_values = torch.cat([images(0, 2, seed=11), images(1, 2, seed=12)])
+    with torch.no_grad():
+        before = model(pixel_values=pixel_values, **prompts(4), task_ids="auto").logits_per_image
+        picks = model.routed_tasks()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path).eval()
+    assert loaded.base_model.routing.scopes == ["vision_model", "text_model"]
+    with torch.no_grad():
+        after = loaded(pixel_values=pixel_values, **prompts(4), task_ids="auto").logits_per_image
+    assert loaded.routed_tasks() == picks
+    torch.testing.assert_close(after, before)
+
+
+def test_a_tower_adapted_alone_is_its_own_scope():
+    # Only the image tower adapted: its calls through get_image_features (which skips CLIPModel.forward) must each
+    # start a new decision, else a later batch of another size reuses the first batch's.
+    config = MoECLConfig(num_experts=4, r=2, top_k=2, task_names=["t0"], target_modules=r"vision_model\..*\.mlp")
+    model = get_peft_model(tiny_clip(), config).eval()
+    assert model.base_model.routing.scopes == ["vision_model"]
+    with torch.no_grad(), model.route(["t0", "none", "t0"]):
+        model.get_image_features(pixel_values=images(0, 3, seed=1))
+        assert model.routed_tasks() == ["t0", None, "t0"]
+    with torch.no_grad(), model.route("t0"):
+        for n in (4, 2):
+            model.get_image_features(pixel_values=images(0, n, seed=n))
+            assert model.routed_tasks() == ["t0"] * n

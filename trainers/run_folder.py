@@ -85,7 +85,7 @@ NOT_IN_FINGERPRINT = frozenset(
         "torch_empty_cache_steps", "restore_callback_states_from_checkpoint",
         # the continual options: file paths and switches whose effect is recorded elsewhere in the fingerprint
         "model", "method", "tasks", "method_config", "epochs", "batch_size", "lr", "max_length", "pooling",
-        "task_agnostic", "resume", "plots", "overwrite", "compare_with",
+        "task_agnostic", "resume", "plots", "overwrite", "compare_with", "kind",
     }
 )  # fmt: skip
 

@@ -153,8 +153,18 @@ class ContinualStrategy:
         """Context in which forwards of ``model`` serve ``task`` (task-aware evaluation)."""
         return contextlib.nullcontext()
 
+    def route_untrained(self, model: PeftModel) -> contextlib.AbstractContextManager:
+        """Context in which forwards of ``model`` serve a task not trained yet (its accuracy before training, for
+        kinds that can score it): the model as it is, for a method that shares one adapter across tasks."""
+        return contextlib.nullcontext()
+
     def can_infer_tasks(self, model: PeftModel) -> bool:
         """Whether :meth:`infer_tasks` can name the task of an input for ``model`` now."""
+        return False
+
+    def picks_routes(self, model: PeftModel) -> bool:
+        """Whether ``model`` itself picks each input's route (a fitted task selector: ``route("auto")`` and
+        ``routed_tasks()``, or the base model for an input of no learned task)."""
         return False
 
     def infer_tasks(
@@ -197,6 +207,10 @@ class _LoraLikeStrategy(ContinualStrategy):
         if not self.per_task:
             return contextlib.nullcontext()
         return _active_adapter(model, task)
+
+    def route_untrained(self, model):
+        # one adapter per task: a task not trained yet has none, so the base model serves it
+        return model.disable_adapter() if self.per_task else contextlib.nullcontext()
 
     def infer_tasks(self, classifier, batch, tasks):
         # Route each sample to the task whose adapter + head is most confident (max softmax probability).
@@ -297,8 +311,14 @@ class _RoutedStrategy(ContinualStrategy):
     def can_infer_tasks(self, model):
         return bool(model.has_task_selector)
 
+    def picks_routes(self, model):
+        return bool(model.has_task_selector)
+
     def route(self, model, task):
         return model.route(task)
+
+    def route_untrained(self, model):
+        return model.route("none")  # no route of its own yet: the untouched base model
 
     def infer_tasks(self, classifier, batch, tasks):
         # One forward: the selector picks each sample's task (or the base model) inside it, and each sample runs

@@ -21,10 +21,14 @@ from peft_ext.routing.tasks import check_task_name
 
 from .data_files import SUFFIXES, DataFileError, missing_value, read_data_file, read_json_file, value_string
 from .run_folder import data_digest
+from .zero_shot import class_prompts
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-TASK_KEYS = {"name", "train", "eval", "text_column", "label_column", "labels", "kind"}
+TASK_KEYS = {"name", "train", "eval", "text_column", "label_column", "labels", "kind", "template", "label_prompts"}
+CLASSIFICATION, ZERO_SHOT, GENERATION = "classification", "zero_shot", "generation"
+KINDS = (CLASSIFICATION, ZERO_SHOT)  # the kinds this version runs (generation: not yet)
+ZERO_SHOT_KEYS = ("template", "label_prompts")  # keys only a zero_shot task takes
 
 
 class TaskStreamError(ValueError):
@@ -51,6 +55,11 @@ class Task:
         eval (`datasets.Dataset`): evaluation split, same columns; its labels must all occur in `train`.
         text_column (`str`): name of the text column. label_column (`str`): name of the label column.
         labels (`list[str]`): the task's label set, in head order; derived from `train` (sorted) when not given.
+        kind (`str`): ``"classification"`` (a head per task) or ``"zero_shot"`` (classes scored by the similarity
+            of the input's embedding to their prompts' embeddings; :mod:`.zero_shot`).
+        template (`str`): zero_shot: the class prompt, with ``{}`` for the class's text (default ``"{}"``).
+        label_prompts (`dict[str, str]`): zero_shot: the text of a class in the template, where it is not the
+            label itself.
     """
 
     name: str
@@ -59,12 +68,19 @@ class Task:
     text_column: str = "text"
     label_column: str = "label"
     labels: list[str] = field(default_factory=list)
+    kind: str = CLASSIFICATION
+    template: str = "{}"
+    label_prompts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
             check_task_name(self.name)
         except ValueError as err:
             raise TaskStreamError(str(err)) from None
+        if self.kind not in KINDS:
+            raise TaskStreamError(
+                f"Task {self.name!r}: kind {self.kind!r} is not supported; this version runs {', '.join(KINDS)}."
+            )
         for split, ds in (("train", self.train), ("eval", self.eval)):
             if not isinstance(ds, Dataset):
                 raise TaskStreamError(
@@ -106,6 +122,14 @@ class Task:
         for split, ds in (("train", self.train), ("eval", self.eval)):
             if any(t is None or not str(t).strip() for t in ds[self.text_column]):
                 raise TaskStreamError(f"Task {self.name!r}: empty text in the {split} split.")
+        if self.kind == ZERO_SHOT:
+            try:
+                self.label_prompts = dict(self.label_prompts)
+                class_prompts(self.name, self.labels, self.template, self.label_prompts)
+            except ValueError as err:
+                raise TaskStreamError(str(err)) from None
+        elif self.template != "{}" or self.label_prompts:
+            raise TaskStreamError(f"Task {self.name!r}: template and label_prompts are for zero_shot tasks only.")
 
     def label_ids(self, values: Sequence[Any]) -> list[int]:
         index = {label: i for i, label in enumerate(self.labels)}
@@ -115,14 +139,20 @@ class Task:
         """What a run's results depend on in this task: its name, kind, label set and data (a digest)."""
         columns = (self.text_column, self.label_column)
         digest = data_digest(*(ds[c] for ds in (self.train, self.eval) for c in columns))
-        return {"name": self.name, "kind": "classification", "labels": list(self.labels), "data": digest}
+        found = {"name": self.name, "kind": self.kind, "labels": list(self.labels), "data": digest}
+        if self.kind == ZERO_SHOT:
+            found["prompts"] = class_prompts(self.name, self.labels, self.template, self.label_prompts)
+        return found
 
 
 def check_stream(tasks: Sequence[Task]) -> list[Task]:
-    """Validate a whole stream: at least one task, unique names."""
+    """Validate a whole stream: at least one task, unique names, one kind."""
     tasks = list(tasks)
     if not tasks:
         raise TaskStreamError("The task stream is empty.")
+    kinds = sorted({task.kind for task in tasks})
+    if len(kinds) > 1:
+        raise TaskStreamError(f"The tasks of a stream must have one kind; this one mixes {' and '.join(kinds)}.")
     seen: set[str] = set()
     for task in tasks:
         if task.name in seen:
@@ -182,10 +212,14 @@ def _check_entry(entry: Any, i: int, path: Path) -> dict[str, Any]:
             raise TaskStreamError(f"Task {name!r} in {path}: {key!r} must be a non-empty string.")
     if "labels" in entry and not isinstance(entry["labels"], list):
         raise TaskStreamError(f"Task {name!r} in {path}: 'labels' must be a list.")
-    if entry.get("kind", "classification") != "classification":
+    if entry.get("kind", CLASSIFICATION) not in KINDS:
         raise TaskStreamError(
-            f"Task {name!r} in {path}: kind {entry['kind']!r} is not supported; this version runs 'classification'."
+            f"Task {name!r} in {path}: kind {entry['kind']!r} is not supported; this version runs {', '.join(KINDS)}."
         )
+    if "template" in entry and not isinstance(entry["template"], str):
+        raise TaskStreamError(f"Task {name!r} in {path}: 'template' must be a string.")
+    if "label_prompts" in entry and not isinstance(entry["label_prompts"], dict):
+        raise TaskStreamError(f"Task {name!r} in {path}: 'label_prompts' must be a {{label: prompt text}} object.")
     return entry
 
 
@@ -217,15 +251,24 @@ def load_task_stream(path: Union[str, os.PathLike]) -> list[Task]:
                 text_column=entry.get("text_column", "text"),
                 label_column=entry.get("label_column", "label"),
                 labels=list(entry.get("labels", [])),
+                kind=entry.get("kind", CLASSIFICATION),
+                **{key: entry[key] for key in ZERO_SHOT_KEYS if key in entry},
             )
         )
     return check_stream(tasks)
 
 
-def default_task_stream() -> list[Task]:
-    """The embedded default sequence (topic classification of Debian fortunes in English, Italian and Spanish;
-    see ``data/NOTICE.md``)."""
-    return load_task_stream(DATA_DIR / "tasks.json")
+DEFAULT_STREAMS = {CLASSIFICATION: DATA_DIR / "tasks.json", ZERO_SHOT: DATA_DIR / "zero_shot" / "tasks.json"}
+
+
+def default_task_stream(kind: str = CLASSIFICATION) -> list[Task]:
+    """The embedded default sequence of ``kind`` (see ``data/NOTICE.md``): topic classification of Debian fortunes
+    in English, Italian and Spanish; for zero_shot, four English topic tasks scored against class prompts."""
+    if kind not in DEFAULT_STREAMS:
+        raise TaskStreamError(
+            f"No embedded task sequence of kind {kind!r}; choose one of {', '.join(DEFAULT_STREAMS)}."
+        )
+    return load_task_stream(DEFAULT_STREAMS[kind])
 
 
 def default_model_path() -> str:
@@ -240,7 +283,10 @@ def default_model_path() -> str:
 
 
 __all__ = [
+    "CLASSIFICATION",
     "DATA_DIR",
+    "KINDS",
+    "ZERO_SHOT",
     "Task",
     "TaskStreamError",
     "check_stream",

@@ -101,6 +101,19 @@ def synthetic_task(name: str, n_train: int = 48, n_eval: int = 24, seed: int = 0
     )
 
 
+def synthetic_zero_shot_task(name: str, n_train: int = 48, n_eval: int = 24, seed: int = 0):
+    """:func:`synthetic_task` of kind ``zero_shot``: a class's prompt is its first keyword (a word of the tokenizer's
+    vocabulary, unlike some labels)."""
+    from .task_stream import ZERO_SHOT
+
+    task = synthetic_task(name, n_train, n_eval, seed)
+    labels, _ = SYNTHETIC_TASKS[name]
+    task.kind = ZERO_SHOT
+    task.label_prompts = {label: words[0] for label, words in labels.items()}
+    task.__post_init__()  # validates the prompts
+    return task
+
+
 def write_synthetic_stream(
     directory: str | Path, names: Optional[list[str]] = None, n_train: int = 48, n_eval: int = 24
 ) -> Path:
@@ -125,6 +138,7 @@ __all__ = [
     "make_tokenizer",
     "save_tiny_model",
     "synthetic_task",
+    "synthetic_zero_shot_task",
     "synthetic_vocab",
     "write_synthetic_stream",
 ]
