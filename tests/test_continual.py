@@ -161,8 +161,9 @@ def test_a_registered_strategy_is_used_without_editing_the_schedule(tmp_path, to
         def begin_task(self, model, task, index):
             calls.append(("begin", task, index))
 
-        def end_task(self, model, task, batches):
+        def end_task(self, model, task, batches, labels=None):
             calls.append(("end", task, sum(b["input_ids"].shape[0] for b in batches)))
+            assert labels is not None and labels.shape[0] == calls[-1][2]  # one label per input, in batch order
 
     try:
         run(tmp_path, tokenizer, method="lora", names=["colors", "moods"], epochs=1)  # method validated by args

@@ -117,8 +117,8 @@ class FakeModel:
         self.calls.append(("end_task", task_name, batches))
         return {}
 
-    def fit_task_selector(self, task_name, batches):
-        self.calls.append(("fit_task_selector", task_name, batches))
+    def fit_task_selector(self, task_name, batches, *, labels=None):
+        self.calls.append(("fit_task_selector", task_name, batches, None if labels is None else labels.tolist()))
 
 
 @pytest.mark.parametrize(
@@ -128,12 +128,12 @@ class FakeModel:
 @pytest.mark.parametrize("selector", [True, False])
 def test_routed_strategies_call_the_contract(method, options, expect_batches, selector):
     strategy = get_strategy(method, {**options, "selector_batches": 1})
-    batches = [{"x": 1}, {"x": 2}]
+    batches = [{"x": torch.zeros(2)}, {"x": torch.zeros(3)}]
     model = FakeModel(selector)
-    strategy.end_task(model, "t0", iter(batches))
+    strategy.end_task(model, "t0", iter(batches), torch.arange(5))
     expected = [("end_task", "t0", batches if expect_batches else None)]
-    if selector:
-        expected.append(("fit_task_selector", "t0", batches[:1]))
+    if selector:  # selector_batches=1: the first batch, and the labels of its two inputs
+        expected.append(("fit_task_selector", "t0", batches[:1], [0, 1]))
     assert model.calls == expected
 
 

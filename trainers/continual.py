@@ -420,9 +420,14 @@ class ContinualSchedule:
     def _device(self) -> torch.device:
         return next(self.classifier.parameters()).device
 
-    def _input_batches(self, task: Task) -> list[dict[str, torch.Tensor]]:
-        device = self._device()
-        return [{k: v.to(device) for k, v in b.items()} for b in self._loader(self.encode(task, "train"), False)]
+    def _input_batches(self, task: Task) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """``task``'s training inputs as model-input batches (on the model's device), and their label ids ``(N,)``
+        in the same order."""
+        device, batches, labels = self._device(), [], []
+        for batch in self._loader(self.encode(task, "train"), True):
+            labels.append(batch.pop("labels"))
+            batches.append({k: v.to(device) for k, v in batch.items()})
+        return batches, torch.cat(labels)
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -690,7 +695,7 @@ class ContinualSchedule:
     def _after_task(self, index: int) -> None:
         """Finish task ``index`` (the strategy's end_task: e.g. activate-freeze and the task selector)."""
         task = self.tasks[index]
-        self.strategy.end_task(self._peft_model, task.name, self._input_batches(task))
+        self.strategy.end_task(self._peft_model, task.name, *self._input_batches(task))
         if self.kind == ZERO_SHOT:
             self.classifier.clear_prompt_cache()  # the weights the prompts were embedded with have changed
 

@@ -146,8 +146,11 @@ class ContinualStrategy:
     def begin_task(self, model: PeftModel, task: str, index: int) -> None:
         """Prepare ``model`` for task number ``index`` > 0."""
 
-    def end_task(self, model: PeftModel, task: str, batches: Iterable[dict]) -> None:
-        """Finish ``task`` after training; ``batches`` yields the task's (unlabelled) training inputs."""
+    def end_task(
+        self, model: PeftModel, task: str, batches: Iterable[dict], labels: Optional[torch.Tensor] = None
+    ) -> None:
+        """Finish ``task`` after training; ``batches`` yields the task's training inputs (model inputs only), and
+        ``labels`` ``(N,)`` their label ids in the same order."""
 
     def route(self, model: PeftModel, task: str) -> contextlib.AbstractContextManager:
         """Context in which forwards of ``model`` serve ``task`` (task-aware evaluation)."""
@@ -296,12 +299,15 @@ class _RoutedStrategy(ContinualStrategy):
     def begin_task(self, model, task, index):
         model.add_task(task)
 
-    def end_task(self, model, task, batches):
+    def end_task(self, model, task, batches, labels=None):
         batches = list(batches)  # read twice where the method recounts routes before its selector is fitted
         model.end_task(task, batches=self.end_task_batches(batches))
         if model.supports_task_selector:
             limit = self.settings["selector_batches"]
-            model.fit_task_selector(task, [b for i, b in enumerate(batches) if limit is None or i < limit])
+            kept = [b for i, b in enumerate(batches) if limit is None or i < limit]
+            if labels is not None:  # the labels of the kept batches (a prototype selector keeps one per class)
+                labels = labels[: sum(next(iter(b.values())).shape[0] for b in kept)]
+            model.fit_task_selector(task, kept, labels=labels)
 
     def end_task_batches(self, batches: list[dict]) -> Optional[list[dict]]:
         """What the model's ``end_task`` gets as ``batches``: the task's inputs (a method that does not use them

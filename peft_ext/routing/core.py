@@ -86,6 +86,23 @@ def pool_tokens(x: torch.Tensor, mode: str, attention_mask: Optional[torch.Tenso
     raise ValueError(f"Unknown routing token mode {mode!r}.")
 
 
+def deep_features(output: Any, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean-pooled last hidden state ``(batch, dim)`` in a model's ``output``: ``last_hidden_state``, else the
+    last of ``hidden_states`` (a head model called with ``output_hidden_states=True``), else a ``(batch, seq, dim)``
+    first element. Padding (``attention_mask`` 0) is left out of the mean."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and getattr(output, "hidden_states", None) is not None:
+        hidden = output.hidden_states[-1]
+    if hidden is None and isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        hidden = output[0]
+    if hidden is None or hidden.dim() != 3:
+        raise ValueError(
+            f"selector_features='deep' needs token states from the model ({type(output).__name__} has none): "
+            "use selector_features='shallow'."
+        )
+    return pool_tokens(hidden, "mean", attention_mask)
+
+
 @dataclass(frozen=True)
 class RoutingDecision:
     """The routing of one forward of one scope, for one adapter.
@@ -164,6 +181,9 @@ class RoutingState:
         self.requested: TaskIds = None  # what the caller asked for (None: the active task)
         self.scopes: list[str] = [WHOLE_MODEL_SCOPE]  # primary first
         self.selector: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None  # (adapter, x) -> (batch,)
+        self.deep_features: dict[str, bool] = {}  # adapter -> its selector reads the base model's last hidden state
+        self._pending: dict[str, torch.Tensor] = {}  # scope -> deep features of its current forward's inputs
+        self._base_pass = False  # True inside the extra base-model pass that computes deep features
         # (adapter, scope) -> the decision of the scope's latest forward and the request it answers
         self._decisions: dict[tuple[str, str], tuple[RoutingDecision, TaskIds]] = {}
         self._attention_mask: dict[str, Optional[torch.Tensor]] = {}  # scope -> the attention mask of its forward
@@ -196,12 +216,40 @@ class RoutingState:
         """A forward of ``scope`` begins: drop its previous decisions, unless it ``continues`` the sequences of the
         previous one (a decoding step on a KV cache) under the same request."""
         self._attention_mask[scope] = attention_mask
+        self._pending.pop(scope, None)
         for key, (_, answered) in list(self._decisions.items()):
             if key[1] == scope and not (continues and same_request(answered, self.requested)):
                 del self._decisions[key]
 
     def attention_mask(self, scope: str) -> Optional[torch.Tensor]:
         return self._attention_mask.get(scope)
+
+    def needs_base_pass(self, scope: str) -> bool:
+        """Whether a forward of ``scope`` starting now needs deep selector features (an extra base-model pass):
+        the primary scope, under ``"auto"``, for an adapter whose selector reads them, outside that pass itself."""
+        return (
+            scope == self.primary_scope
+            and isinstance(self.requested, str)
+            and self.requested == AUTO_TASK
+            and any(self.deep_features.values())
+            and not self._base_pass
+        )
+
+    def base_pass(self, module: nn.Module, scope: str, args: tuple, kwargs: dict) -> None:
+        """Run ``module`` (the scope's) once more on the same inputs as the untouched base model and keep its
+        mean-pooled last hidden state as this forward's deep selector features; the outer forward's decisions
+        start afresh afterwards."""
+        previous = self.set_request(BASE_MODEL_TASK)
+        self._base_pass = True
+        try:
+            with torch.no_grad():
+                output = module(*args, **{**kwargs, "output_hidden_states": True})
+            features = deep_features(output, kwargs.get("attention_mask")).float()
+        finally:
+            self._base_pass = False
+            self.set_request(previous)
+        self.start_scope(scope, kwargs.get("attention_mask"))
+        self._pending[scope] = features
 
     def task_index(self, adapter_name: str, task_name: str) -> int:
         names = self.task_names.get(adapter_name, [])
@@ -245,7 +293,15 @@ class RoutingState:
         if requested == AUTO_TASK:
             if self.selector is None:
                 raise ValueError("task_ids='auto' needs a fitted task selector; call fit_task_selector(...) first.")
-            pooled = pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask(scope))
+            if self.deep_features.get(adapter_name):
+                pooled = self._pending.get(scope)
+                if pooled is None or pooled.shape[0] != batch:
+                    raise ValueError(
+                        f"selector_features='deep' needs the {scope or 'model'} forward's own inputs; this layer was "
+                        "reached another way."
+                    )
+            else:
+                pooled = pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask(scope))
             return RoutingDecision(self.selector(adapter_name, pooled).to(device))
         names = list(requested)
         if len(names) != batch:
@@ -308,7 +364,10 @@ class _ScopeStart:
         self.scope = scope
 
     def __call__(self, module: nn.Module, args, kwargs):
-        self.routing.start_scope(self.scope, kwargs.get("attention_mask"), continues_cached_sequence(kwargs))
+        continues = continues_cached_sequence(kwargs)
+        self.routing.start_scope(self.scope, kwargs.get("attention_mask"), continues)
+        if not continues and self.routing.needs_base_pass(self.scope):
+            self.routing.base_pass(module, self.scope, args, kwargs)
         return None
 
 
@@ -335,6 +394,7 @@ __all__ = [
     "RoutingState",
     "TaskIds",
     "check_task_ids",
+    "deep_features",
     "find_scopes",
     "forward_inputs",
     "pool_tokens",

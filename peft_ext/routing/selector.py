@@ -51,11 +51,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .core import AUTO_TASK, BASE_MODEL_TASK, pool_tokens
+from .core import AUTO_TASK, BASE_MODEL_TASK, deep_features, pool_tokens
+from .prototypes import PrototypeSelector, fit_prototypes
 from .tasks import check_task_name, eval_mode
 
 
 SELECTOR_COMPARE = ("normalized", "raw")
+SELECTOR_KINDS = ("autoencoder", "prototype")
+SELECTOR_FEATURES = ("shallow", "deep")
 
 
 @dataclass
@@ -66,6 +69,29 @@ class SelectorConfigMixin:
     loading rebuilds the selector's structure before its weights are restored.
     """
 
+    selector: str = field(
+        default="autoencoder",
+        metadata={
+            "help": "How the task is picked: 'autoencoder' (DDAS: per-task autoencoders, the paper's) or 'prototype' "
+            "(class means of frozen features, peft_ext.routing.prototypes).",
+            "choices": list(SELECTOR_KINDS),
+        },
+    )
+    selector_features: str = field(
+        default="shallow",
+        metadata={
+            "help": "What the selector reads: 'shallow', the input of the first routed layer (no extra cost), or "
+            "'deep', the frozen base model's last hidden state, mean-pooled (one extra base-model pass per "
+            "task_ids='auto' forward).",
+            "choices": list(SELECTOR_FEATURES),
+        },
+    )
+    selector_prototypes: int = field(
+        default=4,
+        metadata={
+            "help": "Prototypes per task when it is fitted without labels (k-means); with labels: one per class."
+        },
+    )
     selector_hidden: int = field(default=100, metadata={"help": "Code size h of each task's autoencoder (paper: 100)."})
     selector_quantile: float = field(
         default=0.99,
@@ -98,8 +124,21 @@ class SelectorConfigMixin:
     selector_reference: bool = field(
         default=False, metadata={"help": "Whether a reference autoencoder was fitted (bookkeeping)."}
     )
+    selector_classes: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Prototypes of each task of selector_tasks (bookkeeping of the prototype selector)."},
+    )
 
     def _validate_selector_fields(self) -> None:
+        if self.selector not in SELECTOR_KINDS:
+            raise ValueError(f"selector must be one of {SELECTOR_KINDS}, got {self.selector!r}.")
+        if self.selector_features not in SELECTOR_FEATURES:
+            raise ValueError(f"selector_features must be one of {SELECTOR_FEATURES}, got {self.selector_features!r}.")
+        if not isinstance(self.selector_prototypes, int) or self.selector_prototypes <= 0:
+            raise ValueError(f"selector_prototypes must be a positive integer, got {self.selector_prototypes!r}.")
+        self.selector_classes = list(self.selector_classes)
+        if self.selector == "prototype" and len(self.selector_classes) != len(self.selector_tasks):
+            raise ValueError("selector_classes must give the prototypes of each task of selector_tasks.")
         if not isinstance(self.selector_hidden, int) or self.selector_hidden <= 0:
             raise ValueError(f"selector_hidden must be a positive integer, got {self.selector_hidden!r}.")
         if not 0.0 < self.selector_quantile <= 1.0:
@@ -289,6 +328,9 @@ class TaskSelector(nn.Module):
     def feature_dim(self) -> int:
         return self.tasks.features
 
+    def __len__(self) -> int:
+        return len(self.tasks)
+
     @torch.no_grad()
     def select(self, features: torch.Tensor, compare: str = "raw") -> torch.Tensor:
         """Per-sample choice for features ``(B, F)``: position in the fitted task list, or ``-1`` (base model)."""
@@ -354,13 +396,18 @@ class TaskSelectorMixin:
         config = self.peft_config[adapter_name]
         store = self._selector_store()
         if config.selector_tasks and adapter_name not in store:
-            store[adapter_name] = TaskSelector(
-                config.selector_feature_dim,
-                config.selector_hidden,
-                len(config.selector_tasks),
-                config.selector_reference,
-            ).to(self._model_device())
+            store[adapter_name] = self._new_selector(config, config.selector_feature_dim, rebuild=True)
         self.routing.selector = self._select_for_routing
+        self.routing.deep_features[adapter_name] = config.selector_features == "deep"
+
+    def _new_selector(self, config, feature_dim: int, rebuild: bool = False) -> nn.Module:
+        """An empty selector of the config's kind, or (``rebuild``) one shaped like the config's fitted tasks."""
+        if config.selector == "prototype":
+            module = PrototypeSelector(feature_dim, config.selector_classes if rebuild else None)
+        else:
+            tasks = len(config.selector_tasks) if rebuild else 0
+            module = TaskSelector(feature_dim, config.selector_hidden, tasks, rebuild and config.selector_reference)
+        return module.to(self._model_device())
 
     def _delete_task_selector(self, adapter_name: str) -> None:
         store = self._modules.get(self._selector_attr)
@@ -372,7 +419,7 @@ class TaskSelectorMixin:
         """True when the active adapter's selector has at least one fitted task (``task_ids="auto"`` works)."""
         name = self.active_adapters[0] if self.active_adapters else None
         store = self._modules.get(self._selector_attr)
-        return name is not None and store is not None and name in store and len(store[name].tasks) > 0
+        return name is not None and store is not None and name in store and len(store[name]) > 0
 
     # -- inference ------------------------------------------------------------------------------------------
     def _select_for_routing(self, adapter_name: str, pooled: torch.Tensor) -> torch.Tensor:
@@ -411,30 +458,42 @@ class TaskSelectorMixin:
     def collect_selector_features(
         self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None
     ) -> torch.Tensor:
-        """Pooled input of the primary scope's first routed layer, with the model running as the base model
-        (``task_ids="none"``) in eval mode, for every sample of ``batches`` (dicts of model inputs) -> ``(N, F)``
-        float32. Modes are restored afterwards."""
+        """The selector's features of every sample of ``batches`` (dicts of model inputs) -> ``(N, F)`` float32,
+        with the model running as the base model (``task_ids="none"``) in eval mode (modes restored afterwards):
+        the pooled input of the primary scope's first routed layer (``selector_features="shallow"``), or the
+        mean-pooled last hidden state of the primary scope (``"deep"``)."""
         name = self._continual_adapter(adapter_name)
-        layers = self._routed_layers(self.routing.primary_scope)
+        scope = self.routing.primary_scope
+        layers = self._routed_layers(scope)
         if not layers:
             raise ValueError("The model has no adapted layer to take selector features from.")
+        deep = self.peft_config[name].selector_features == "deep"
         mode = self.routing.routing_token.get(name, "first")
         captured: list[torch.Tensor] = []
-        state = {"taken": False}  # one capture per forward: the first routed layer that runs
+        state = {"taken": False}  # one capture per forward
 
-        def capture(layer, args, kwargs):
+        def capture_input(layer, args, kwargs):  # shallow: the first routed layer that runs
             if not state["taken"]:
                 state["taken"] = True
                 x = layer.routing_input(args, kwargs)
                 mask = self.routing.attention_mask(layer.routing_scope)
                 captured.append(pool_tokens(x, mode, mask).detach().float().reshape(x.shape[0], -1))
 
-        handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in layers]
+        def capture_output(module, args, kwargs, output):  # deep: what the scope's module returns
+            if not state["taken"]:
+                state["taken"] = True
+                captured.append(deep_features(output, self.routing.attention_mask(scope)).detach().float())
+
+        if deep:
+            module = self.model if scope == "" else getattr(self.model, scope)
+            handles = [module.register_forward_hook(capture_output, with_kwargs=True)]
+        else:
+            handles = [m.register_forward_pre_hook(capture_input, with_kwargs=True) for m in layers]
         try:
             with eval_mode(self.model), self.route(BASE_MODEL_TASK):
                 for batch in batches:
                     state["taken"] = False
-                    self.run_inputs(batch)
+                    self.run_inputs({**batch, "output_hidden_states": True} if deep else batch)
                     if not state["taken"]:
                         raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
         finally:
@@ -444,21 +503,25 @@ class TaskSelectorMixin:
             raise ValueError("fit_task_selector got no batches.")
         return torch.cat(captured, dim=0)
 
-    def _fit_entry(self, name: str, batches, features: Optional[torch.Tensor], seed: int, epochs, lr) -> AutoencoderFit:
+    def _selector_features(self, name: str, batches, features: Optional[torch.Tensor]) -> torch.Tensor:
         config = self.peft_config[name]
         if features is None:
             features = self.collect_selector_features(batches, adapter_name=name)
         if features.dim() != 2:
             raise ValueError(f"Selector features must be (N, F), got shape {tuple(features.shape)}.")
-        if config.selector_hidden >= features.shape[1]:
-            warnings.warn(
-                f"selector_hidden ({config.selector_hidden}) >= feature size ({features.shape[1]}): the autoencoder "
-                "can learn the identity and reconstruct any input; use a smaller selector_hidden."
-            )
         if config.selector_feature_dim is not None and features.shape[1] != config.selector_feature_dim:
             raise ValueError(
                 f"Selector features have size {features.shape[1]} but this adapter's selector was fitted with "
                 f"{config.selector_feature_dim}."
+            )
+        return features
+
+    def _fit_entry(self, name: str, features: torch.Tensor, seed: int, epochs, lr) -> AutoencoderFit:
+        config = self.peft_config[name]
+        if config.selector_hidden >= features.shape[1]:
+            warnings.warn(
+                f"selector_hidden ({config.selector_hidden}) >= feature size ({features.shape[1]}): the autoencoder "
+                "can learn the identity and reconstruct any input; use a smaller selector_hidden."
             )
         return fit_autoencoder(
             features,
@@ -471,12 +534,12 @@ class TaskSelectorMixin:
             seed=seed,
         )
 
-    def _ensure_selector(self, name: str, feature_dim: int) -> TaskSelector:
+    def _ensure_selector(self, name: str, feature_dim: int) -> nn.Module:
         config = self.peft_config[name]
         store = self._selector_store()
         if name not in store:
             config.selector_feature_dim = feature_dim
-            store[name] = TaskSelector(feature_dim, config.selector_hidden).to(self._model_device())
+            store[name] = self._new_selector(config, feature_dim)
         self.routing.selector = self._select_for_routing
         return store[name]
 
@@ -486,27 +549,48 @@ class TaskSelectorMixin:
         batches: Optional[Iterable[Mapping[str, Any]]] = None,
         adapter_name: Optional[str] = None,
         *,
+        labels: Optional[Any] = None,
         features: Optional[torch.Tensor] = None,
         seed: int = 0,
         epochs: Optional[int] = None,
         lr: Optional[float] = None,
     ) -> dict[str, float]:
-        """Fit (or refit) the selector's autoencoder of ``task_name`` on ``batches`` (dicts of model inputs, e.g.
-        the task's training data) and calibrate its threshold. ``features`` ``(N, F)`` may be given instead of
-        batches (precomputed with :meth:`collect_selector_features`). Returns ``{"threshold", "num_samples"}``."""
+        """Fit (or refit) the selector's entry of ``task_name`` on ``batches`` (dicts of model inputs, e.g. the
+        task's training data) and calibrate its threshold. ``features`` ``(N, F)`` may be given instead of batches
+        (precomputed with :meth:`collect_selector_features`). ``labels`` (one class id per sample, in batch order)
+        give the prototype selector one prototype per class; the autoencoders do not use them. ``epochs``/``lr``:
+        the autoencoders' training. Returns ``{"threshold", "num_samples"}``."""
         name = self._continual_adapter(adapter_name)
         self.routing.task_index(name, task_name)  # unknown task -> ValueError
         if features is None and batches is None:
             raise ValueError("fit_task_selector needs batches or features.")
-        fit = self._fit_entry(name, batches, features, seed, epochs, lr)
         config = self.peft_config[name]
-        selector = self._ensure_selector(name, fit.mean.shape[0])
-        if task_name in config.selector_tasks:
-            selector.tasks.set_entry(config.selector_tasks.index(task_name), fit)
+        features = self._selector_features(name, batches, features)
+        if config.selector == "prototype":
+            labels = None if labels is None else torch.as_tensor(labels).reshape(-1)
+            fit = fit_prototypes(
+                features,
+                labels,
+                num_prototypes=config.selector_prototypes,
+                holdout=config.selector_holdout,
+                quantile=config.selector_quantile,
+                seed=seed,
+            )
+            held = fit.holdout_scores
         else:
-            selector.tasks.set_entry(len(selector.tasks), fit)
+            fit = self._fit_entry(name, features, seed, epochs, lr)
+            held = fit.holdout_errors
+        selector = self._ensure_selector(name, features.shape[1])
+        known = task_name in config.selector_tasks
+        position = config.selector_tasks.index(task_name) if known else len(config.selector_tasks)
+        if config.selector == "prototype":
+            selector.set_task(position, fit)
+            config.selector_classes = selector.sizes()
+        else:
+            selector.tasks.set_entry(position, fit)
+        if not known:
             config.selector_tasks.append(task_name)
-        return {"threshold": float(fit.threshold), "num_samples": int(fit.holdout_errors.numel())}
+        return {"threshold": float(fit.threshold), "num_samples": int(held.numel())}
 
     def fit_reference_selector(
         self,
@@ -522,11 +606,13 @@ class TaskSelectorMixin:
         than the tasks' autoencoders, the batch bypasses the adapters). Needs at least one fitted task."""
         name = self._continual_adapter(adapter_name)
         config = self.peft_config[name]
+        if config.selector != "autoencoder":
+            raise ValueError(f"The reference autoencoder belongs to selector='autoencoder', not {config.selector!r}.")
         if not config.selector_tasks:
             raise ValueError("Fit at least one task with fit_task_selector(...) before the reference autoencoder.")
         if features is None and batches is None:
             raise ValueError("fit_reference_selector needs batches or features.")
-        fit = self._fit_entry(name, batches, features, seed, epochs, lr)
+        fit = self._fit_entry(name, self._selector_features(name, batches, features), seed, epochs, lr)
         selector = self._ensure_selector(name, fit.mean.shape[0])
         selector.reference.set_entry(0, fit)  # appends the first time, replaces later
         config.selector_reference = True
