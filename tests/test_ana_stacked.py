@@ -109,13 +109,14 @@ def test_stacked_gradients_equal_the_per_path_computation(gate_top_k, monkeypatc
 
 def test_auto_routing_equals_the_per_path_computation(monkeypatch):
     torch.manual_seed(0)
+    ddas = {"selector": "autoencoder", "selector_features": "shallow"}  # features are the inputs themselves
     centers = {"t0": torch.full((6,), -3.0), "t1": torch.full((6,), 3.0), "t2": torch.zeros(6)}
     centers["t1"][::2] = -3.0
 
     def sample(task, n):
         return centers[task] + 0.3 * torch.randn(n, 6)
 
-    model, names = multi_task_model(3, selector_epochs=30, gate_top_k=2)
+    model, names = multi_task_model(3, selector_epochs=30, gate_top_k=2, **ddas)
     for task in names:
         model.fit_task_selector(task, [{"X": sample(task, 64)}, {"X": sample(task, 64)}])
     model.eval()

@@ -21,6 +21,12 @@ from peft_ext.hub import load_continual_run
 from peft_ext.tuners.checkpoint import AdapterCheckpointError
 
 
+DDAS = {
+    "selector": "autoencoder",
+    "selector_features": "shallow",
+}  # the paper's DDAS: autoencoders on the first routed layer's input (not the default prototypes)
+
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "legacy_layout"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -48,7 +54,7 @@ def bert_inputs(batch: int = 4):
 
 
 def ana_three_tasks() -> PeftModel:
-    config = peft_ext.AnAConfig(target_modules=["lin0", "lin1"], init_weights=False, selector_hidden=3)
+    config = peft_ext.AnAConfig(target_modules=["lin0", "lin1"], init_weights=False, selector_hidden=3, **DDAS)
     model = get_peft_model(mlp(), config, "t0")
     model.add_task("t1")
     model.add_task("t2")
@@ -56,7 +62,9 @@ def ana_three_tasks() -> PeftModel:
 
 
 def moecl_three_tasks(**kwargs) -> PeftModel:
-    config = dict(target_modules=["lin0"], num_experts=4, r=4, init_weights=False, scaling=1.0, selector_hidden=4)
+    config = dict(
+        target_modules=["lin0"], num_experts=4, r=4, init_weights=False, scaling=1.0, selector_hidden=4, **DDAS
+    )
     config.update(kwargs)
     model = get_peft_model(tiny(), peft_ext.MoECLConfig(**config), adapter_name="task0")
     with warnings.catch_warnings():

@@ -569,7 +569,15 @@ def test_llama_decoder_and_generate():
 
 
 def test_generate_with_auto_picks_the_task_once_per_sequence():
-    config = MoECLConfig(num_experts=4, r=4, routing_token="last", init_weights=False, selector_hidden=4)
+    config = MoECLConfig(
+        num_experts=4,
+        r=4,
+        routing_token="last",
+        init_weights=False,
+        selector_hidden=4,
+        selector="autoencoder",
+        selector_features="shallow",
+    )
     model = get_peft_model(tiny_llama(), config)
     with pytest.warns(UserWarning, match="without any training forward"):
         model.add_task("t1")

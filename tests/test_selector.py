@@ -12,6 +12,10 @@ from peft_ext.routing.selector import TaskSelector, fit_autoencoder, squash
 
 
 F = 12
+DDAS = {
+    "selector": "autoencoder",
+    "selector_features": "shallow",
+}  # the paper's DDAS: autoencoders on the first routed layer's input (not the default prototypes)
 MEANS = [torch.full((F,), -3.0), torch.zeros(F), torch.full((F,), 3.0)]
 MEANS[1][::2] = 3.0  # task 1 differs from both others in half of the coordinates
 MEANS[1][1::2] = -3.0
@@ -93,6 +97,7 @@ def probe_model():
         init_weights=False,
         task_names=["t0"],
         selector_hidden=4,
+        **DDAS,
         selector_epochs=60,
         expert_dropout=0.0,
     )
@@ -155,6 +160,6 @@ def test_selector_errors():
     with pytest.raises(ValueError, match="selector_quantile"):
         MoECLConfig(selector_quantile=0.0)
     with pytest.warns(UserWarning, match="identity"):
-        get_peft_model(Probe(), MoECLConfig(target_modules=["lin0"], selector_hidden=F)).fit_task_selector(
+        get_peft_model(Probe(), MoECLConfig(target_modules=["lin0"], selector_hidden=F, **DDAS)).fit_task_selector(
             "default", features=gaussian(0, 20, seed=1), epochs=1
         )

@@ -24,6 +24,7 @@ picks a task once per generated sequence, not once per token.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -95,12 +96,25 @@ def deep_features(output: Any, attention_mask: Optional[torch.Tensor]) -> torch.
         hidden = output.hidden_states[-1]
     if hidden is None and isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
         hidden = output[0]
-    if hidden is None or hidden.dim() != 3:
+    if hidden is None and torch.is_tensor(output):
+        hidden = output  # a plain module's output: (batch, dim), or (batch, seq, dim)
+    if hidden is None or hidden.dim() not in (2, 3):
         raise ValueError(
             f"selector_features='deep' needs token states from the model ({type(output).__name__} has none): "
             "use selector_features='shallow'."
         )
     return pool_tokens(hidden, "mean", attention_mask)
+
+
+def with_hidden_states(module: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` plus ``output_hidden_states=True`` where ``module``'s forward takes it (a transformers model with a
+    head returns no last hidden state otherwise)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    takes = "output_hidden_states" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {**kwargs, "output_hidden_states": True} if takes else dict(kwargs)
 
 
 @dataclass(frozen=True)
@@ -243,7 +257,7 @@ class RoutingState:
         self._base_pass = True
         try:
             with torch.no_grad():
-                output = module(*args, **{**kwargs, "output_hidden_states": True})
+                output = module(*args, **with_hidden_states(module, kwargs))
             features = deep_features(output, kwargs.get("attention_mask")).float()
         finally:
             self._base_pass = False

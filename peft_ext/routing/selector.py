@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .core import AUTO_TASK, BASE_MODEL_TASK, deep_features, pool_tokens
+from .core import AUTO_TASK, BASE_MODEL_TASK, deep_features, pool_tokens, with_hidden_states
 from .prototypes import PrototypeSelector, fit_prototypes
 from .tasks import check_task_name, eval_mode
 
@@ -70,15 +70,15 @@ class SelectorConfigMixin:
     """
 
     selector: str = field(
-        default="autoencoder",
+        default="prototype",
         metadata={
-            "help": "How the task is picked: 'autoencoder' (DDAS: per-task autoencoders, the paper's) or 'prototype' "
-            "(class means of frozen features, peft_ext.routing.prototypes).",
+            "help": "How the task is picked: 'prototype' (class means of frozen features, peft_ext.routing.prototypes) "
+            "or 'autoencoder' (DDAS: per-task autoencoders, the paper's).",
             "choices": list(SELECTOR_KINDS),
         },
     )
     selector_features: str = field(
-        default="shallow",
+        default="deep",
         metadata={
             "help": "What the selector reads: 'shallow', the input of the first routed layer (no extra cost), or "
             "'deep', the frozen base model's last hidden state, mean-pooled (one extra base-model pass per "
@@ -137,6 +137,10 @@ class SelectorConfigMixin:
         if not isinstance(self.selector_prototypes, int) or self.selector_prototypes <= 0:
             raise ValueError(f"selector_prototypes must be a positive integer, got {self.selector_prototypes!r}.")
         self.selector_classes = list(self.selector_classes)
+        if self.selector_tasks and not self.selector_classes and self.selector == "prototype":
+            # fitted tasks without prototype counts: a checkpoint written before the prototype selector existed
+            # (its config has no `selector` key), whose selector is the autoencoders on shallow features
+            self.selector, self.selector_features = "autoencoder", "shallow"
         if self.selector == "prototype" and len(self.selector_classes) != len(self.selector_tasks):
             raise ValueError("selector_classes must give the prototypes of each task of selector_tasks.")
         if not isinstance(self.selector_hidden, int) or self.selector_hidden <= 0:
@@ -493,7 +497,7 @@ class TaskSelectorMixin:
             with eval_mode(self.model), self.route(BASE_MODEL_TASK):
                 for batch in batches:
                     state["taken"] = False
-                    self.run_inputs({**batch, "output_hidden_states": True} if deep else batch)
+                    self.run_inputs(with_hidden_states(module, batch) if deep else batch)
                     if not state["taken"]:
                         raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
         finally:
