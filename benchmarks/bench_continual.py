@@ -4,6 +4,7 @@
                                          [--output-dir outputs/bench_continual] [--lr LR] [--seed 0]
     python benchmarks/bench_continual.py --lrs 1e-3,3e-3,1e-2     # every variant at every learning rate
     python benchmarks/bench_continual.py --kind zero_shot         # the zero-shot sequence: Transfer, MTIL's Avg
+    python benchmarks/bench_continual.py --sequence domain_incremental   # or in_domain (benchmarks/sequences.py)
 
 With ``--lrs`` each variant runs at each learning rate; the table lists every run and the goals are checked on
 each variant's best run by Last. The eval splits double as test splits here, so "best learning rate" is an
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from sequences import SEQUENCES, sequence  # benchmarks/sequences.py
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -116,6 +118,21 @@ def zero_shot_goals(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def learned_goals(rows: dict[str, dict]) -> list[str]:
+    """Every task learned: its accuracy right after training it (a_ii) at least 10 points above chance, and moecl's
+    Last within 3 points of separate adapters."""
+    out = []
+    for name, r in rows.items():
+        chance = [1 / n for n in r["num_labels"]]
+        worst = min(r["accuracy"][i][i] - chance[i] for i in range(len(chance)))
+        out.append(f"{name}: worst a_ii {100 * worst:+.1f} points over chance (goal >= 10): {_verdict(worst >= 0.1)}")
+    sep, moe = rows.get("lora-separate"), rows.get("moecl")
+    if sep is not None and moe is not None:
+        gap = 100 * (sep["last"] - moe["last"])
+        out.append(f"moecl: Last {gap:+.2f} points below separate adapters (goal <= 3): {_verdict(gap <= 3)}")
+    return out
+
+
 def table(rows: list[dict]) -> str:
     cols = ["variant", "lr", "Last", "Avg", "BWT", "Forgetting", "task-agnostic Last", "task id."]
     cols += ["trainable", "train s"]
@@ -170,6 +187,7 @@ def goals(rows: dict[str, dict]) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", default="classification", choices=["classification", "zero_shot"])
+    parser.add_argument("--sequence", default=None, choices=SEQUENCES, help="A classification sequence (sequences.py).")
     parser.add_argument("--variants", default=None, help=f"Comma-separated, of {', '.join(VARIANTS)} (default: all).")
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument(
@@ -194,7 +212,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model)
-    tasks = default_task_stream(args.kind)
+    tasks = sequence(args.sequence) if args.sequence else default_task_stream(args.kind)
     zero_shot = args.kind == "zero_shot"
     lr_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
@@ -222,6 +240,7 @@ def main(argv=None) -> None:
                     "method_config": config,
                     **result.to_metrics(),
                     "scores_task_agnostic": result.scores_task_agnostic,
+                    "num_labels": [len(t.labels) for t in tasks],
                     "wall_seconds": time.perf_counter() - t0,
                 }
             )
@@ -232,7 +251,11 @@ def main(argv=None) -> None:
     for r in rows:  # goals on each variant's best run by Last
         if r["variant"] not in best or r["last"] > best[r["variant"]]["last"]:
             best[r["variant"]] = r
-    checks = zero_shot_goals(best) if zero_shot else goals(best)
+    if zero_shot:
+        checks = zero_shot_goals(best)
+    else:
+        checks = goals(best) if args.sequence in (None, "default") else []
+        checks += learned_goals(best)
     if lrs:
         checks.append("learning rates used for the goals: " + ", ".join(f"{k} {v['lr']:g}" for k, v in best.items()))
     env = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"

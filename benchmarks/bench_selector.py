@@ -19,14 +19,14 @@ Columns: task identification (share of eval inputs routed to their own task), ta
 sequence's eval texts: another language for ``in_domain``, another domain for ``default``), and the cost of a
 ``task_ids="auto"`` forward relative to a forward with the task named (median of repeats, batch 64, 1 thread).
 
-Sequences: ``default`` is the embedded en/it/es sequence (tasks differ by language); ``in_domain`` is the four
-English topic tasks of ``trainers/data/zero_shot`` run as classification (tasks differ by topic only).
+Sequences (``benchmarks/sequences.py``): ``default`` is the embedded en/it/es sequence (tasks differ by language);
+``in_domain`` is the four English topic tasks of ``trainers/data/zero_shot`` run as classification (tasks differ
+by topic only).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from sequences import sequence  # benchmarks/sequences.py
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import peft_ext  # noqa: F401
-from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments, default_model_path, default_task_stream
+from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments, default_model_path
 from peft_ext.trainers.strategies import default_method_config
-from peft_ext.trainers.task_stream import CLASSIFICATION, ZERO_SHOT
 
 
 SELECTORS = {
@@ -49,15 +49,6 @@ SELECTORS = {
     "prototype/shallow": {"selector": "prototype", "selector_features": "shallow"},
     "prototype/deep": {"selector": "prototype", "selector_features": "deep"},
 }
-
-
-def sequence(name: str):
-    if name == "default":
-        return default_task_stream(CLASSIFICATION)
-    return [
-        dataclasses.replace(task, kind=CLASSIFICATION, template="{}", label_prompts={})
-        for task in default_task_stream(ZERO_SHOT)
-    ]
 
 
 def refit(schedule: ContinualSchedule, options: dict) -> None:
