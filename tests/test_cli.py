@@ -17,7 +17,7 @@ from peft_ext.trainers.testing import make_tiny_bert, save_tiny_model, write_syn
 METRICS_KEYS = [
     "method", "tasks", "accuracy", "accuracy_task_agnostic", "avg", "last", "bwt", "forgetting",
     "task_identification", "trainable_params", "total_params", "train_seconds",
-    "kind", "accuracy_zero_shot", "transfer", "avg_all", "unseen_to_base",
+    "kind", "accuracy_zero_shot", "transfer", "avg_all", "unseen_to_base", "rouge_l",
 ]  # fmt: skip
 
 

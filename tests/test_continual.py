@@ -102,7 +102,7 @@ def test_metrics_json_schema_and_files(shared_run):
     assert list(metrics) == [
         "method", "tasks", "accuracy", "accuracy_task_agnostic", "avg", "last", "bwt", "forgetting",
         "task_identification", "trainable_params", "total_params", "train_seconds",
-        "kind", "accuracy_zero_shot", "transfer", "avg_all", "unseen_to_base",
+        "kind", "accuracy_zero_shot", "transfer", "avg_all", "unseen_to_base", "rouge_l",
     ]  # fmt: skip
     assert metrics["tasks"] == TASKS and metrics["method"] == "lora"
     assert metrics["accuracy"] == result.accuracy

@@ -77,7 +77,8 @@ def test_both_methods_have_a_task_selector(make):
     assert model.supports_task_selector is True
     assert model.has_task_selector is False  # not fitted yet
     model.end_task("t0")
-    model.fit_task_selector("t0", features=torch.randn(40, 6), epochs=2)
+    x = torch.randn(40, 6)
+    model.fit_task_selector("t0", features=model.collect_selector_features([{"X": x}]), epochs=2)
     assert model.has_task_selector is True
     assert len(model.predict_tasks({"X": torch.randn(3, 6)})) == 3
 
@@ -156,9 +157,10 @@ def test_progress_state_keys_round_trip():
         "train_accuracy": [1.0, None],  # added later: optional when read
         "accuracy_zero_shot": None,  # zero_shot runs only; optional when read
         "unseen_routing": [0, 0],  # zero_shot runs only; optional when read
+        "rouge_l": None,  # generation runs only; optional when read
     }
     assert _Progress.from_state({**state, "index": 0, "task": "t0"}) == progress
-    later = ("train_accuracy", "accuracy_zero_shot", "unseen_routing")
+    later = ("train_accuracy", "accuracy_zero_shot", "unseen_routing", "rouge_l")
     old = {k: v for k, v in state.items() if k not in later}
     assert _Progress.from_state(old).train_accuracy == [None, None]
     assert _Progress.from_state(old) == dataclasses.replace(progress, train_accuracy=[None, None])

@@ -81,3 +81,32 @@ def clip_tokenizer():
     vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters), "ca", "cat</w>"]
     merges = [("c", "a"), ("ca", "t</w>")]
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=32)
+
+
+WORDS = "what is capital of france italy spain paris rome madrid answer question color sky grass blue green".split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: tiny_llama's pad id is 0 (its config's bos 1, eos 2)
+PAD, BOS, EOS = 0, 1, 2
+
+
+def word_tokenizer(bos: bool = True, pad: bool = True, eos: bool = True):
+    """A word-level ``PreTrainedTokenizerFast`` over exactly 64 tokens (tiny_llama's vocabulary: every id the model
+    can emit decodes to a word), punctuation split off; ``bos``: Llama-style (BOS added in front of a text, as the
+    post-processor of Llama tokenizers does), else GPT-2-style (nothing added); ``pad``/``eos``: with a pad/EOS
+    token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [*SPECIALS, ":", "?", ".", *WORDS]
+    vocab += [f"w{i}" for i in range(len(vocab), 64)]
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    special = {"unk_token": "<unk>"}
+    if eos:
+        special["eos_token"] = "</s>"
+    if bos:
+        special["bos_token"] = "<s>"
+    if pad:
+        special["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)

@@ -58,9 +58,17 @@ from datasets import Dataset
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel, TrainingArguments, set_seed
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.utils import logging
 
+from .generation import GenerationCollator, GenerationTaskModel, encode_examples, encode_prompts, load_generation_metric
 from .heads import TaskHeadClassifier
 from .metrics import compute_continual_metrics
 from .regularized import RegularizedTrainer
@@ -77,8 +85,13 @@ from .run_folder import (
     training_fingerprint,
 )
 from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy
-from .task_stream import CLASSIFICATION, ZERO_SHOT, Task, check_stream
+from .task_stream import CLASSIFICATION, GENERATION, ZERO_SHOT, Task, check_stream, load_pretrained
 from .zero_shot import ZeroShotClassifier
+
+
+# Kinds whose untouched model scores every task: their matrix is full, with a zero-shot row before any training.
+SCORES_UNTRAINED = (ZERO_SHOT, GENERATION)
+TaskModel = Union[TaskHeadClassifier, ZeroShotClassifier, GenerationTaskModel]
 
 
 logger = logging.get_logger(__name__)
@@ -233,6 +246,7 @@ class ContinualResult:
     kind: str = CLASSIFICATION
     accuracy_zero_shot: Optional[list[float]] = None  # each task before any training (kinds that can score it)
     unseen_to_base: Optional[float] = None  # task-agnostic: share of not-yet-trained tasks' inputs sent to the base
+    rouge_l: Optional[list[list[Optional[float]]]] = None  # generation: ROUGE-L per cell of the matrix
 
     def to_metrics(self) -> dict[str, Any]:
         return {
@@ -253,6 +267,7 @@ class ContinualResult:
             "transfer": self.scores.get("transfer"),
             "avg_all": self.scores.get("avg_all"),
             "unseen_to_base": self.unseen_to_base,
+            "rouge_l": self.rouge_l,
         }
 
 
@@ -292,6 +307,7 @@ class _Progress:
     train_accuracy: list[Optional[float]] = field(default_factory=list)  # per task, measured right after it
     zero_shot: Optional[list[float]] = None  # each task before any training (kinds that can score it)
     unseen_routing: list[int] = field(default_factory=lambda: [0, 0])  # [sent to the base model, of] unseen inputs
+    rouge_l: Optional[list[list[Optional[float]]]] = None  # generation: ROUGE-L of each cell
 
     @classmethod
     def empty(cls, n: int) -> "_Progress":
@@ -307,6 +323,7 @@ class _Progress:
             "train_accuracy": self.train_accuracy,
             "accuracy_zero_shot": self.zero_shot,
             "unseen_routing": self.unseen_routing,
+            "rouge_l": self.rouge_l,
         }
 
     @classmethod
@@ -321,6 +338,7 @@ class _Progress:
             train_accuracy=list(state.get("train_accuracy") or [None] * len(state["accuracy"])),
             zero_shot=state.get("accuracy_zero_shot"),
             unseen_routing=list(state.get("unseen_routing") or [0, 0]),
+            rouge_l=state.get("rouge_l"),
         )
 
 
@@ -378,8 +396,10 @@ class ContinualSchedule:
         self.output_dir = Path(args.output_dir)
         _ = args.device  # sets up the (possibly distributed) accelerate state the way the Trainer will
         self.state = PartialState()
-        self.collator = DataCollatorWithPadding(tokenizer)
-        self.classifier: Optional[Union[TaskHeadClassifier, ZeroShotClassifier]] = None
+        if self.kind == GENERATION and getattr(tokenizer, "pad_token", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have none; padding is masked anyway
+        self.collator = GenerationCollator(tokenizer) if self.kind == GENERATION else DataCollatorWithPadding(tokenizer)
+        self.classifier: Optional[TaskModel] = None
         self._encoded: dict[tuple[str, str, Optional[int]], Dataset] = {}  # see encode()
         # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
         self._base: Optional[PreTrainedModel] = None
@@ -403,8 +423,15 @@ class ContinualSchedule:
         key = (task.name, split, limit)
         if key not in self._encoded:
             ds = self._split(task, split, limit)
-            enc = self.tokenizer([str(t) for t in ds[task.text_column]], truncation=True, max_length=self.max_length)
-            self._encoded[key] = Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
+            if self.kind == GENERATION:  # prompt + target, the loss on the target's tokens only
+                enc = encode_examples(
+                    self.tokenizer, ds[task.prompt_column], ds[task.target_column], self.max_length, task=task.name
+                )
+                self._encoded[key] = Dataset.from_dict(enc)
+            else:
+                texts = [str(t) for t in ds[task.text_column]]
+                enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+                self._encoded[key] = Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
         return self._encoded[key]
 
     def _loader(self, encoded: Dataset, with_labels: bool) -> DataLoader:
@@ -420,9 +447,18 @@ class ContinualSchedule:
     def _device(self) -> torch.device:
         return next(self.classifier.parameters()).device
 
-    def _input_batches(self, task: Task) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    def _prompt_batches(self, task: Task, split: str) -> list[dict[str, torch.Tensor]]:
+        """generation: ``task``'s prompts alone (what a generation's first forward sees) as model-input batches."""
+        prompts = self._split(task, split)[task.prompt_column]
+        rows = Dataset.from_dict(encode_prompts(self.tokenizer, prompts, self.max_length, task=task.name))
+        loader = DataLoader(rows, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collator)
+        return [{k: v.to(self._device()) for k, v in batch.items()} for batch in loader]
+
+    def _input_batches(self, task: Task) -> tuple[list[dict[str, torch.Tensor]], Optional[torch.Tensor]]:
         """``task``'s training inputs as model-input batches (on the model's device), and their label ids ``(N,)``
-        in the same order."""
+        in the same order (None for generation: its inputs are the prompts)."""
+        if self.kind == GENERATION:
+            return self._prompt_batches(task, "train"), None
         device, batches, labels = self._device(), [], []
         for batch in self._loader(self.encode(task, "train"), True):
             labels.append(batch.pop("labels"))
@@ -438,9 +474,25 @@ class ContinualSchedule:
         limit: Optional[int] = None,
         route: Optional[contextlib.AbstractContextManager] = None,
     ) -> float:
-        """Task-aware accuracy on ``task``'s ``split`` (the task named: its route and its head or class prompts);
-        with ``limit``, on at most that many of its rows (evenly spaced). ``route``: serve the task another way
-        (e.g. the strategy's ``route_untrained``) instead of its own route."""
+        """Task-aware accuracy on ``task``'s ``split`` (the task named: its route and its head or class prompts;
+        generation: exact match of the generated answers); with ``limit``, on at most that many of its rows (evenly
+        spaced). ``route``: serve the task another way (e.g. the strategy's ``route_untrained``) instead of its own
+        route."""
+        return self._score(task, split, limit, route)[0]
+
+    def _score(
+        self,
+        task: Task,
+        split: str = "eval",
+        limit: Optional[int] = None,
+        route: Optional[contextlib.AbstractContextManager] = None,
+    ) -> tuple[float, Optional[float]]:
+        """:meth:`evaluate_task`'s accuracy, and for generation the ROUGE-L of the same answers."""
+        if self.kind == GENERATION:
+            ds = self._split(task, split, limit)
+            with self.strategy.route(self.classifier.encoder, task.name) if route is None else route:
+                scores = self._generation_scores(task, ds[task.prompt_column], ds[task.target_column])
+            return scores["exact_match"], scores["rouge_l"]
         clf, device = self.classifier, self._device()
         clf.eval()
         correct = total = 0
@@ -455,7 +507,32 @@ class ContinualSchedule:
                 pred = clf.logits(clf.features(**batch), task.name, **logit_kwargs).argmax(-1).cpu()
                 correct += int((pred == labels).sum())
                 total += len(labels)
-        return correct / total
+        return correct / total, None
+
+    @torch.no_grad()
+    def _generation_scores(self, task: Task, prompts: list, targets: list) -> dict[str, float]:
+        """Exact match and ROUGE-L of the answers generated for ``prompts`` under the routing in force."""
+        answers = self.classifier.generate_answers(
+            prompts, task=task.name, batch_size=self.args.per_device_eval_batch_size, max_prompt_length=self.max_length
+        )
+        metric = load_generation_metric()
+        return metric.compute(predictions=answers, references=[str(t) for t in targets])
+
+    @torch.no_grad()
+    def evaluate_routed_generation(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
+        """generation, task-agnostic: every prompt routed by the model's task selector (a task of ``seen``, or the
+        base model; decided once per prompt), answers scored by exact match. Returns what
+        :meth:`evaluate_routed_zero_shot` returns."""
+        model = self.classifier.encoder
+        self.classifier.eval()
+        picks = []
+        for batch in self._prompt_batches(task, "eval"):
+            picks += [name if name in seen else None for name in model.predict_tasks(batch)]
+        with model.route("auto"):
+            scores = self._generation_scores(task, task.eval[task.prompt_column], task.eval[task.target_column])
+        expected = task.name if task.name in seen else None
+        right = sum(pick == expected for pick in picks)
+        return scores["exact_match"], right, sum(pick is None for pick in picks), len(picks)
 
     @torch.no_grad()
     def evaluate_routed_zero_shot(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
@@ -539,7 +616,7 @@ class ContinualSchedule:
     def _base_model(self) -> PreTrainedModel:
         set_seed(self.args.seed)
         if isinstance(self.model_source, str):
-            return AutoModel.from_pretrained(self.model_source)
+            return load_pretrained(AutoModelForCausalLM if self.kind == GENERATION else AutoModel, self.model_source)
         return self.model_source()
 
     def _task_args(self, index: int) -> TrainingArguments:
@@ -593,7 +670,7 @@ class ContinualSchedule:
         self._peft_model = None
         self._progress = _Progress.empty(len(self.tasks))
         start = 0 if resume is None else self._restore(resume)
-        if self.kind == ZERO_SHOT and self._progress.zero_shot is None:
+        if self.kind in SCORES_UNTRAINED and self._progress.zero_shot is None:
             self._evaluate_zero_shot_row()
         bar = tqdm(
             total=len(self.tasks),
@@ -633,11 +710,17 @@ class ContinualSchedule:
         logger.warning(f"Resuming after task {resume['index']} ({resume['task']}) from {resume['path']}.")
         return start
 
-    def _new_classifier(self, encoder: torch.nn.Module) -> Union[TaskHeadClassifier, ZeroShotClassifier]:
-        """The task model of the stream's kind over ``encoder``: heads added task by task (classification), or the
-        class prompts of every task, known from the start (zero_shot: every task can be scored before training)."""
+    def _new_classifier(self, encoder: torch.nn.Module) -> TaskModel:
+        """The task model of the stream's kind over ``encoder``: heads added task by task (classification); the
+        class prompts of every task, known from the start (zero_shot: every task can be scored before training);
+        or the causal LM's answers (generation)."""
         if self.kind == CLASSIFICATION:
             return TaskHeadClassifier(encoder, self._base.config.hidden_size, self.pooling)
+        if self.kind == GENERATION:
+            model = GenerationTaskModel(encoder, self.tokenizer)
+            for task in self.tasks:
+                model.add_task(task.name)
+            return model
         classifier = ZeroShotClassifier(encoder, self.tokenizer)
         for task in self.tasks:
             classifier.add_task(task.name, task.labels, task.template, task.label_prompts)
@@ -646,11 +729,12 @@ class ContinualSchedule:
     def _save_classifier(self, directory: Path) -> None:
         if self.kind == CLASSIFICATION:
             self.classifier.save_heads(directory)
-        else:
+        else:  # the task list (no tensors: zero_shot and generation have no head parameters)
             self.classifier.save_tasks(directory)
 
     def _evaluate_zero_shot_row(self) -> None:
-        """Each task's accuracy before any training: the untouched base model (zero_shot)."""
+        """Each task's accuracy before any training: the untouched base model (the kinds of
+        :data:`SCORES_UNTRAINED`)."""
         self.classifier = self._new_classifier(self._base)
         self._progress.zero_shot = [self.evaluate_task(task, route=contextlib.nullcontext()) for task in self.tasks]
         self.classifier = None
@@ -706,8 +790,11 @@ class ContinualSchedule:
         task = self.tasks[index]
         accuracy = self.evaluate_task(task, "train", TRAIN_CHECK_EXAMPLES)
         self._progress.train_accuracy[index] = accuracy
-        ids = task.label_ids(self._split(task, "train", TRAIN_CHECK_EXAMPLES)[task.label_column])
-        majority = max(ids.count(i) for i in set(ids)) / len(ids)
+        if self.kind == GENERATION:
+            majority = 0.0  # no class to guess: "at chance" is no exact match at all
+        else:
+            ids = task.label_ids(self._split(task, "train", TRAIN_CHECK_EXAMPLES)[task.label_column])
+            majority = max(ids.count(i) for i in set(ids)) / len(ids)
         if _at_chance(accuracy, majority) and self.state.is_main_process:
             logger.warning(
                 f"Task {task.name!r} ended with training accuracy {accuracy:.2f}, at chance (majority class "
@@ -718,8 +805,8 @@ class ContinualSchedule:
         """Row ``index`` of the accuracy matrix: every task seen so far (zero_shot: every task, the ones not trained
         yet served as the strategy's ``route_untrained`` says), task-aware, and task-agnostic (with the task
         identification rate) where the strategy can infer tasks."""
-        if self.kind == ZERO_SHOT:
-            self._evaluate_zero_shot_kind_row(index)
+        if self.kind in SCORES_UNTRAINED:
+            self._evaluate_full_row(index)
             return
         progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
         for j in range(index + 1):
@@ -735,17 +822,24 @@ class ContinualSchedule:
         row = [round(a, 4) for a in progress.accuracy[index][: index + 1]]
         logger.info(f"After {self.tasks[index].name}: accuracy {row}")
 
-    def _evaluate_zero_shot_kind_row(self, index: int) -> None:
+    def _evaluate_full_row(self, index: int) -> None:
+        """Row ``index`` for the kinds of :data:`SCORES_UNTRAINED`: every task, and the task-agnostic row with the
+        share of not-yet-trained tasks' inputs sent to the base model."""
         progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
+        if self.kind == GENERATION and progress.rouge_l is None:
+            progress.rouge_l = _empty_matrix(len(self.tasks))
         for j, task in enumerate(self.tasks):
             route = None if j <= index else self.strategy.route_untrained(self._peft_model)
-            progress.accuracy[index][j] = self.evaluate_task(task, route=route)
+            progress.accuracy[index][j], rouge_l = self._score(task, route=route)
+            if progress.rouge_l is not None:
+                progress.rouge_l[index][j] = rouge_l
         if self.task_agnostic and self.strategy.picks_routes(self._peft_model):
             if progress.agnostic is None:
                 progress.agnostic = _empty_matrix(len(self.tasks))
+            routed = self.evaluate_routed_generation if self.kind == GENERATION else self.evaluate_routed_zero_shot
             right = total = 0
             for j, task in enumerate(self.tasks):
-                progress.agnostic[index][j], r, to_base, n = self.evaluate_routed_zero_shot(task, seen)
+                progress.agnostic[index][j], r, to_base, n = routed(task, seen)
                 if j <= index:
                     right, total = right + r, total + n
                 else:
@@ -789,6 +883,7 @@ class ContinualSchedule:
             unseen_to_base=progress.unseen_routing[0] / progress.unseen_routing[1]
             if progress.unseen_routing[1]
             else None,
+            rouge_l=progress.rouge_l,
         )
 
     def _write_outputs(self, result: ContinualResult) -> None:

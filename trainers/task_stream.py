@@ -25,10 +25,13 @@ from .zero_shot import class_prompts
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-TASK_KEYS = {"name", "train", "eval", "text_column", "label_column", "labels", "kind", "template", "label_prompts"}
+TASK_KEYS = {
+    "name", "train", "eval", "text_column", "label_column", "labels", "kind", "template", "label_prompts",
+    "prompt_column", "target_column",
+}  # fmt: skip
 CLASSIFICATION, ZERO_SHOT, GENERATION = "classification", "zero_shot", "generation"
-KINDS = (CLASSIFICATION, ZERO_SHOT)  # the kinds this version runs (generation: not yet)
-ZERO_SHOT_KEYS = ("template", "label_prompts")  # keys only a zero_shot task takes
+KINDS = (CLASSIFICATION, ZERO_SHOT, GENERATION)
+KIND_KEYS = {ZERO_SHOT: ("template", "label_prompts"), GENERATION: ("prompt_column", "target_column")}
 
 
 class TaskStreamError(ValueError):
@@ -60,6 +63,8 @@ class Task:
         template (`str`): zero_shot: the class prompt, with ``{}`` for the class's text (default ``"{}"``).
         label_prompts (`dict[str, str]`): zero_shot: the text of a class in the template, where it is not the
             label itself.
+        prompt_column (`str`), target_column (`str`): generation: the prompt and the answer to generate (default
+            ``"prompt"``, ``"target"``); a generation task has no text/label columns and no label set.
     """
 
     name: str
@@ -71,6 +76,15 @@ class Task:
     kind: str = CLASSIFICATION
     template: str = "{}"
     label_prompts: dict[str, str] = field(default_factory=dict)
+    prompt_column: str = "prompt"
+    target_column: str = "target"
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """The input column and the answer column: (prompt, target) for generation, else (text, label)."""
+        if self.kind == GENERATION:
+            return self.prompt_column, self.target_column
+        return self.text_column, self.label_column
 
     def __post_init__(self) -> None:
         try:
@@ -78,9 +92,7 @@ class Task:
         except ValueError as err:
             raise TaskStreamError(str(err)) from None
         if self.kind not in KINDS:
-            raise TaskStreamError(
-                f"Task {self.name!r}: kind {self.kind!r} is not supported; this version runs {', '.join(KINDS)}."
-            )
+            raise TaskStreamError(f"Task {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}.")
         for split, ds in (("train", self.train), ("eval", self.eval)):
             if not isinstance(ds, Dataset):
                 raise TaskStreamError(
@@ -88,11 +100,30 @@ class Task:
                 )
             if len(ds) == 0:
                 raise TaskStreamError(f"Task {self.name!r}: the {split} split is empty.")
-            for col in (self.text_column, self.label_column):
+            for col in self.columns:
                 if col not in ds.column_names:
                     raise TaskStreamError(
                         f"Task {self.name!r}: unknown column {col!r} in the {split} split (columns: {ds.column_names})."
                     )
+        if self.kind == GENERATION:
+            self._check_generation()
+        else:
+            self._check_classes()
+
+    def _check_generation(self) -> None:
+        if self.labels or self.template != "{}" or self.label_prompts:
+            raise TaskStreamError(f"Task {self.name!r}: a generation task takes no labels, template or label_prompts.")
+        for split, ds in (("train", self.train), ("eval", self.eval)):
+            for column, what in ((self.prompt_column, "prompt"), (self.target_column, "target")):
+                empty = [i for i, v in enumerate(ds[column]) if v is None or not str(v).strip()]
+                if empty:
+                    raise TaskStreamError(
+                        f"Task {self.name!r}: {len(empty)} row(s) of the {split} split have an empty {what} (first: "
+                        f"row {empty[0]})."
+                    )
+
+    def _check_classes(self) -> None:
+        for split, ds in (("train", self.train), ("eval", self.eval)):
             missing = [i for i, v in enumerate(ds[self.label_column]) if label_string(v) is None]
             if missing:
                 raise TaskStreamError(
@@ -130,6 +161,8 @@ class Task:
                 raise TaskStreamError(str(err)) from None
         elif self.template != "{}" or self.label_prompts:
             raise TaskStreamError(f"Task {self.name!r}: template and label_prompts are for zero_shot tasks only.")
+        if (self.prompt_column, self.target_column) != ("prompt", "target"):
+            raise TaskStreamError(f"Task {self.name!r}: prompt_column and target_column are for generation tasks only.")
 
     def label_ids(self, values: Sequence[Any]) -> list[int]:
         index = {label: i for i, label in enumerate(self.labels)}
@@ -137,8 +170,7 @@ class Task:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a run's results depend on in this task: its name, kind, label set and data (a digest)."""
-        columns = (self.text_column, self.label_column)
-        digest = data_digest(*(ds[c] for ds in (self.train, self.eval) for c in columns))
+        digest = data_digest(*(ds[c] for ds in (self.train, self.eval) for c in self.columns))
         found = {"name": self.name, "kind": self.kind, "labels": list(self.labels), "data": digest}
         if self.kind == ZERO_SHOT:
             found["prompts"] = class_prompts(self.name, self.labels, self.template, self.label_prompts)
@@ -207,15 +239,13 @@ def _check_entry(entry: Any, i: int, path: Path) -> dict[str, Any]:
     unknown = sorted(set(entry) - TASK_KEYS, key=str)
     if unknown:
         raise TaskStreamError(f"Task {name!r} in {path} has unknown keys {unknown}.")
-    for key in ("train", "eval", "text_column", "label_column"):
+    for key in ("train", "eval", "text_column", "label_column", "prompt_column", "target_column"):
         if key in entry and (not isinstance(entry[key], str) or not entry[key]):
             raise TaskStreamError(f"Task {name!r} in {path}: {key!r} must be a non-empty string.")
     if "labels" in entry and not isinstance(entry["labels"], list):
         raise TaskStreamError(f"Task {name!r} in {path}: 'labels' must be a list.")
     if entry.get("kind", CLASSIFICATION) not in KINDS:
-        raise TaskStreamError(
-            f"Task {name!r} in {path}: kind {entry['kind']!r} is not supported; this version runs {', '.join(KINDS)}."
-        )
+        raise TaskStreamError(f"Task {name!r} in {path}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}.")
     if "template" in entry and not isinstance(entry["template"], str):
         raise TaskStreamError(f"Task {name!r} in {path}: 'template' must be a string.")
     if "label_prompts" in entry and not isinstance(entry["label_prompts"], dict):
@@ -252,7 +282,7 @@ def load_task_stream(path: Union[str, os.PathLike]) -> list[Task]:
                 label_column=entry.get("label_column", "label"),
                 labels=list(entry.get("labels", [])),
                 kind=entry.get("kind", CLASSIFICATION),
-                **{key: entry[key] for key in ZERO_SHOT_KEYS if key in entry},
+                **{key: entry[key] for keys in KIND_KEYS.values() for key in keys if key in entry},
             )
         )
     return check_stream(tasks)
@@ -269,6 +299,15 @@ def default_task_stream(kind: str = CLASSIFICATION) -> list[Task]:
             f"No embedded task sequence of kind {kind!r}; choose one of {', '.join(DEFAULT_STREAMS)}."
         )
     return load_task_stream(DEFAULT_STREAMS[kind])
+
+
+def load_pretrained(auto_class: Any, source: Union[str, os.PathLike], **kwargs) -> Any:
+    """``auto_class.from_pretrained(source)`` (a model or a tokenizer class), where ``source`` may also name a
+    ``.gguf`` file: transformers then reads that file of its folder (and dequantizes the weights)."""
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return auto_class.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    return auto_class.from_pretrained(str(source), **kwargs)
 
 
 def default_model_path() -> str:
@@ -293,5 +332,6 @@ __all__ = [
     "default_model_path",
     "default_task_stream",
     "load_split",
+    "load_pretrained",
     "load_task_stream",
 ]

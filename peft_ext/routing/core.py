@@ -106,15 +106,16 @@ def deep_features(output: Any, attention_mask: Optional[torch.Tensor]) -> torch.
     return pool_tokens(hidden, "mean", attention_mask)
 
 
-def with_hidden_states(module: nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` plus ``output_hidden_states=True`` where ``module``'s forward takes it (a transformers model with a
-    head returns no last hidden state otherwise)."""
+def with_hidden_states(module: nn.Module, kwargs: dict, **extra: Any) -> dict:
+    """``kwargs`` plus ``output_hidden_states=True`` (a transformers model with a head returns no last hidden state
+    otherwise) and the ``extra`` keywords, each only where ``module``'s forward takes it."""
     try:
         parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return dict(kwargs)
-    takes = "output_hidden_states" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    return {**kwargs, "output_hidden_states": True} if takes else dict(kwargs)
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    wanted = {"output_hidden_states": True, **extra}
+    return {**kwargs, **{k: v for k, v in wanted.items() if open_ended or k in parameters}}
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ def same_request(a: TaskIds, b: TaskIds) -> bool:
     if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
         return a == b
     return list(a) == list(b)
+
+
+CACHE_KWARGS = ("cache", "past_key_values", "cache_position")
 
 
 def continues_cached_sequence(forward_kwargs: dict) -> bool:
@@ -257,7 +261,9 @@ class RoutingState:
         self._base_pass = True
         try:
             with torch.no_grad():
-                output = module(*args, **with_hidden_states(module, kwargs))
+                # the same inputs, without the generation cache the outer forward fills (this pass must not touch it)
+                fresh = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+                output = module(*args, **with_hidden_states(module, fresh, use_cache=False))
             features = deep_features(output, kwargs.get("attention_mask")).float()
         finally:
             self._base_pass = False

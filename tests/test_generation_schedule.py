@@ -1,0 +1,70 @@
+"""The continual schedule on generation tasks (a causal LM): exact match fills the whole matrix, ROUGE-L beside it,
+a zero-shot row, task-agnostic answers routed per prompt, and the one-line errors of bad generation input."""
+
+import json
+
+import pytest
+from datasets import Dataset
+from tiny_models import tiny_bert, tiny_llama, word_tokenizer
+
+from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments
+from peft_ext.trainers.task_stream import Task, TaskStreamError
+
+
+FAST = dict(epochs=80, lr=2e-2, batch_size=2, disable_tqdm=True, plots=False, seed=0, max_length=16)
+FAST["lr_scheduler_type"] = "constant"
+TASKS = {
+    "colors": [("color of sky ? answer :", "blue"), ("color of grass ? answer :", "green")],
+    "capitals": [("capital of france ? answer :", "paris"), ("capital of italy ? answer :", "rome")],
+}  # fmt: skip
+
+
+def generation_task(name: str, repeat: int = 1) -> Task:
+    rows = Dataset.from_list([{"prompt": p, "target": t} for p, t in TASKS[name]] * repeat)
+    return Task(name=name, train=rows, eval=rows, kind="generation")
+
+
+def run(out, method, method_config, repeat=1, **kw):
+    args = ContinualTrainingArguments(output_dir=str(out), method=method, **{**FAST, **kw})
+    tasks = [generation_task(name, repeat) for name in TASKS]
+    return ContinualSchedule(tasks, args, model=tiny_llama, tokenizer=word_tokenizer(), method_config=method_config)
+
+
+LORA_EVERYWHERE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def test_lora_per_task_learns_each_task_and_serves_untrained_tasks_with_the_base_model(tmp_path):
+    config = {"adapter_per_task": True, "target_modules": LORA_EVERYWHERE, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    result = run(tmp_path, "lora", config).run()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    a, zero_shot = metrics["accuracy"], metrics["accuracy_zero_shot"]
+    assert metrics["kind"] == "generation" and len(zero_shot) == 2
+    assert all(v is not None for row in a for v in row) and len(metrics["rouge_l"]) == 2
+    assert a[0][0] == 1.0 and a[1][1] == 1.0  # each task learned: its answers generated exactly
+    assert a[1][0] == 1.0  # its own adapter still serves the first task
+    assert a[0][1] == zero_shot[1]  # not trained yet: the base model's answers
+    assert all(metrics["rouge_l"][i][i] == 1.0 for i in range(2))
+    assert result.accuracy_task_agnostic is None  # LoRA has no selector
+    assert (tmp_path / "generation.json").is_file()
+
+
+def test_moecl_task_agnostic_generation_routes_each_prompt(tmp_path):
+    # a task selector needs a few samples per task: each prompt three times
+    result = run(tmp_path, "moecl", {"num_experts": 4, "r": 4}, repeat=3, epochs=5).run()
+    assert result.accuracy_task_agnostic is not None
+    assert all(v is not None for row in result.accuracy_task_agnostic for v in row)
+    assert 0.0 <= result.task_identification <= 1.0 and result.unseen_to_base is not None
+
+
+def test_bad_generation_input_is_one_line(tmp_path):
+    rows = Dataset.from_list([{"prompt": "capital of france ?", "target": "paris"}, {"prompt": "x", "target": " "}])
+    with pytest.raises(TaskStreamError, match="1 row\\(s\\) of the train split have an empty target") as info:
+        Task(name="t", train=rows, eval=rows, kind="generation")
+    assert "\n" not in str(info.value)
+    with pytest.raises(TaskStreamError, match="unknown column 'answer'"):
+        Task(name="t", train=rows, eval=rows, kind="generation", target_column="answer")
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), method="lora", **FAST)
+    schedule = ContinualSchedule([generation_task("colors")], args, model=tiny_bert, tokenizer=word_tokenizer())
+    with pytest.raises(ValueError, match="generation tasks need a causal language model") as info:
+        schedule.run()
+    assert "\n" not in str(info.value)
