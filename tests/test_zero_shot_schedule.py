@@ -125,3 +125,13 @@ def test_cli_kind_must_match_the_task_file(tmp_path, capsys):
     assert info.value.code == 2
     assert "no '{}' placeholder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("method, per_task_routes", [("ana", True), ("resora", False)])
+def test_every_method_fills_the_matrix(tmp_path, tokenizer, method, per_task_routes):
+    result = run(tmp_path, tokenizer, method, {"r": 4} if method == "ana" else None, epochs=4)
+    a, zero_shot = result.accuracy, result.accuracy_zero_shot
+    assert all(v is not None for row in a for v in row)
+    if per_task_routes:  # a task AnA has not learned gets the untouched base model
+        assert all(a[i][j] == zero_shot[j] for i, j in untrained_cells(a))
+    assert result.scores["transfer"] is not None and result.scores["avg_all"] is not None
