@@ -1,7 +1,7 @@
 """The ``peft-ext`` console script.
 
     peft-ext continual [--model PATH_OR_HUB_ID] [--method {lora,resora,ana,moecl}] [--tasks TASKS.json]
-                       [--kind {classification,zero_shot}] [--output-dir DIR] [--epochs N] [--batch-size N]
+                       [--kind {classification,zero_shot,generation}] [--output-dir DIR] [--epochs N] [--batch-size N]
                        [--lr LR] [--seed N] [--max-length N]
                        [--method-config JSON_OR_PRESET]
                        [any TrainingArguments option, e.g. --gradient_accumulation_steps 2]
@@ -33,7 +33,7 @@ HELP_GROUPS = {
         "method": "lora (default: one shared adapter, the sequential baseline), resora, ana or moecl.",
         "method_config": "A preset name (peft_ext.hub_configs.list_presets()) or a JSON file of method options.",
         "tasks": "TASKS.json: a list of {name, train, eval[, text_column, label_column, kind]} (default: embedded).",
-        "kind": "Without --tasks: the embedded sequence of this kind, classification (default) or zero_shot.",
+        "kind": "Without --tasks: the embedded sequence of this kind: classification (default), zero_shot, generation.",
     },
     "training": {
         "epochs": "Epochs per task (default: 3).",
@@ -130,6 +130,7 @@ def _continual(argv: Sequence[str]) -> int:
     )
     from peft_ext.trainers.continual import comparison_args, format_comparison
     from peft_ext.trainers.strategies import default_method_config, load_method_config
+    from peft_ext.trainers.task_stream import load_pretrained
 
     parser = _parser()
     if "--help-all" in argv:
@@ -151,11 +152,11 @@ def _continual(argv: Sequence[str]) -> int:
         tasks = load_task_stream(args.tasks) if args.tasks else default_task_stream(args.kind or "classification")
         if args.kind and tasks[0].kind != args.kind:
             raise TaskStreamError(f"--kind {args.kind}: the tasks of {args.tasks} are of kind {tasks[0].kind}.")
-        model = args.model or default_model_path()
+        model = args.model or default_model_path(tasks[0].kind)
         _check_model_folder(model)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
-            model_type = AutoConfig.from_pretrained(model).model_type
+            tokenizer = load_pretrained(AutoTokenizer, model)
+            model_type = load_pretrained(AutoConfig, model).model_type
         except (OSError, ValueError) as err:
             raise TaskStreamError(f"Cannot load model {model!r}: {str(err).splitlines()[0]}") from None
         # The shipped preset of this model family (e.g. moecl-bert), if any, under the user's --method-config keys.
@@ -199,8 +200,10 @@ def _check_model_folder(model: str) -> None:
         return
     if not os.path.exists(path):
         raise ValueError(f"--model {model}: no such folder (give a model folder or a Hub id such as org/name).")
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return  # a GGUF file: transformers reads it (and its folder) itself
     if not os.path.isdir(path):
-        raise ValueError(f"--model {model} is a file; give the model's folder (with config.json).")
+        raise ValueError(f"--model {model} is a file; give the model's folder (with config.json) or a .gguf file.")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--model {model} has no config.json; give a transformers model folder.")
 

