@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from assertions import one_line_error
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from tiny_models import BOS, EOS, PAD, tiny_bert, tiny_llama, word_tokenizer
@@ -26,14 +27,6 @@ from peft_ext.trainers.generation import (
     generate_answers,
     load_generation_metric,
 )
-
-
-def one_line_error(match: str, fn, *args, **kwargs) -> str:
-    with pytest.raises(ValueError, match=match) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def batch_of(rows: dict, collator: GenerationCollator) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from assertions import one_line_error
 from peft import LoraConfig, get_peft_model
 from tiny_models import clip_tokenizer, tiny_bert, tiny_clip
 from torch import nn
@@ -37,14 +38,6 @@ def count_calls(module: nn.Module) -> list:
     calls = []
     module.register_forward_pre_hook(lambda mod, args: calls.append(1))
     return calls
-
-
-def one_line_error(match: str, fn, *args, **kwargs) -> str:
-    with pytest.raises(ValueError, match=match) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # -- sentence encoder -----------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ import evaluate
 import torch
 from torch import nn
 
+from .heads import EncoderTaskModel
+from .run_folder import atomic_write_text
 from .zero_shot import base_model_of
 
 
@@ -320,7 +322,7 @@ def load_generation_metric(**kwargs) -> evaluate.EvaluationModule:
 
 
 # -- the task model --------------------------------------------------------------------------------------------------
-class GenerationTaskModel(nn.Module):
+class GenerationTaskModel(EncoderTaskModel):
     """A causal LM (e.g. a ``PeftModel`` over ``AutoModelForCausalLM``) trained on prompt -> target tasks; no
     parameters of its own.
 
@@ -395,14 +397,6 @@ class GenerationTaskModel(nn.Module):
         self._check_task(task)
         return generate_answers(self.encoder, self.tokenizer, prompts, self.tasks[task], batch_size, **kwargs)
 
-    def get_regularization_loss(self) -> Optional[torch.Tensor]:
-        """The encoder's regularization loss of the last forward, None when the encoder has no regularizer."""
-        try:
-            getter = getattr(self.encoder, "get_regularization_loss")
-        except AttributeError:
-            return None
-        return getter()
-
     # -- persistence ------------------------------------------------------------------------------------------
     def save_tasks(self, directory: str | os.PathLike) -> None:
         """Write ``generation.json`` (each task's answer length, the default length, the normalization); there are
@@ -415,9 +409,7 @@ class GenerationTaskModel(nn.Module):
             "tasks": {t: {"max_new_tokens": n} for t, n in self.tasks.items()},
         }
         path = directory / GENERATION_CONFIG
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a reader never sees half a file
+        atomic_write_text(path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     def load_tasks(self, directory: str | os.PathLike) -> None:
         """Add (or overwrite) the tasks saved in ``directory``; the saved normalization and default answer length

@@ -43,7 +43,22 @@ def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], mode: str
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-class TaskHeadClassifier(nn.Module):
+class EncoderTaskModel(nn.Module):
+    """Base of the task models (one per task kind: :class:`TaskHeadClassifier`, the zero_shot and generation
+    ones) that wrap an ``encoder`` (a PEFT model) for the Trainer: what they share."""
+
+    encoder: nn.Module
+
+    def get_regularization_loss(self) -> Optional[torch.Tensor]:
+        """The encoder's regularization loss of the last forward, None when the encoder has no regularizer."""
+        try:
+            getter = getattr(self.encoder, "get_regularization_loss")
+        except AttributeError:
+            return None
+        return getter()
+
+
+class TaskHeadClassifier(EncoderTaskModel):
     """An encoder (e.g. a ``PeftModel`` over ``AutoModel``) with one linear head per task.
 
     ``forward`` classifies with the head of :attr:`current_task` (set by :meth:`set_task`); the encoder's routing
@@ -104,14 +119,6 @@ class TaskHeadClassifier(nn.Module):
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def get_regularization_loss(self) -> Optional[torch.Tensor]:
-        """The encoder's regularization loss of the last forward, None when the encoder has no regularizer."""
-        try:
-            getter = getattr(self.encoder, "get_regularization_loss")
-        except AttributeError:
-            return None
-        return getter()
-
     # -- persistence ------------------------------------------------------------------------------------------
     def save_heads(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
@@ -145,4 +152,4 @@ class TaskHeadClassifier(nn.Module):
             self.labels[task] = list(labels)
 
 
-__all__ = ["HEADS_CONFIG", "HEADS_WEIGHTS", "POOLING_MODES", "TaskHeadClassifier", "pool"]
+__all__ = ["HEADS_CONFIG", "HEADS_WEIGHTS", "POOLING_MODES", "EncoderTaskModel", "TaskHeadClassifier", "pool"]

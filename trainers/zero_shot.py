@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .heads import POOLING_MODES, pool
+from .heads import POOLING_MODES, EncoderTaskModel, pool
+from .run_folder import atomic_write_text
 
 
 ZERO_SHOT_CONFIG = "zero_shot.json"
@@ -134,7 +135,7 @@ def class_prompts(
     return [template.format(label_prompts.get(label, label)) for label in labels]
 
 
-class ZeroShotClassifier(nn.Module):
+class ZeroShotClassifier(EncoderTaskModel):
     """An encoder (e.g. a ``PeftModel`` over a sentence encoder or ``CLIPModel``) scoring each task's classes by
     cosine similarity to the embeddings of their prompts; no parameters of its own.
 
@@ -318,14 +319,6 @@ class ZeroShotClassifier(nn.Module):
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def get_regularization_loss(self) -> Optional[torch.Tensor]:
-        """The encoder's regularization loss of the last forward, None when the encoder has no regularizer."""
-        try:
-            getter = getattr(self.encoder, "get_regularization_loss")
-        except AttributeError:
-            return None
-        return getter()
-
     # -- persistence ------------------------------------------------------------------------------------------
     def save_tasks(self, directory: str | os.PathLike) -> None:
         """Write ``zero_shot.json`` (pooling, logit-scale rule, each task's labels, template and label prompts);
@@ -342,9 +335,7 @@ class ZeroShotClassifier(nn.Module):
             },
         }
         path = directory / ZERO_SHOT_CONFIG
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a reader never sees half a file
+        atomic_write_text(path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     def load_tasks(self, directory: str | os.PathLike) -> None:
         """Add (or overwrite) the tasks saved in ``directory``; the saved pooling and logit-scale rule must match."""
