@@ -401,6 +401,7 @@ class ContinualSchedule:
         self.collator = GenerationCollator(tokenizer) if self.kind == GENERATION else DataCollatorWithPadding(tokenizer)
         self.classifier: Optional[TaskModel] = None
         self._encoded: dict[tuple[str, str, Optional[int]], Dataset] = {}  # see encode()
+        self._generation_metric = None  # generation: exact match and ROUGE-L (see _generation_scores)
         # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
         self._base: Optional[PreTrainedModel] = None
         self._peft_model: Optional[PeftModel] = None
@@ -515,8 +516,9 @@ class ContinualSchedule:
         answers = self.classifier.generate_answers(
             prompts, task=task.name, batch_size=self.args.per_device_eval_batch_size, max_prompt_length=self.max_length
         )
-        metric = load_generation_metric()
-        return metric.compute(predictions=answers, references=[str(t) for t in targets])
+        if self._generation_metric is None:  # loaded once: evaluate.load reads and imports the module file
+            self._generation_metric = load_generation_metric()
+        return self._generation_metric.compute(predictions=answers, references=[str(t) for t in targets])
 
     @torch.no_grad()
     def evaluate_routed_generation(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
