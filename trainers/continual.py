@@ -793,14 +793,17 @@ class ContinualSchedule:
         accuracy = self.evaluate_task(task, "train", TRAIN_CHECK_EXAMPLES)
         self._progress.train_accuracy[index] = accuracy
         if self.kind == GENERATION:
-            majority = 0.0  # no class to guess: "at chance" is no exact match at all
-        else:
+            # accuracy is the exact match of free-text answers: no class to guess, so chance is no match at all
+            chance = 0.0
+            level = f"exact match of generated answers, where chance is {chance:.2f}"
+        else:  # classification, zero_shot: always answering the most frequent label scores its share
             ids = task.label_ids(self._split(task, "train", TRAIN_CHECK_EXAMPLES)[task.label_column])
-            majority = max(ids.count(i) for i in set(ids)) / len(ids)
-        if _at_chance(accuracy, majority) and self.state.is_main_process:
+            chance = max(ids.count(i) for i in set(ids)) / len(ids)
+            level = f"majority class {chance:.2f}"
+        if _at_chance(accuracy, chance) and self.state.is_main_process:
             logger.warning(
-                f"Task {task.name!r} ended with training accuracy {accuracy:.2f}, at chance (majority class "
-                f"{majority:.2f}): it was not learned; try another learning rate (--lr) or more epochs."
+                f"Task {task.name!r} ended with training accuracy {accuracy:.2f}, at chance ({level}): it was not "
+                "learned; try another learning rate (--lr) or more epochs."
             )
 
     def _evaluate_row(self, index: int) -> None:

@@ -18,6 +18,9 @@ IN_ADAPTER_INITS = ("linear", "identity", "zero")
 # The paper's placement in BLIP-2's Q-Former: query/key/value of self- and cross-attention and the attention output
 # dense of every layer (not the feed-forward denses). Matches transformers' `Blip2QFormerModel` module names.
 QFORMER_TARGET_MODULES = r".*\.(attention|crossattention)\.(attention\.(query|key|value)|output\.dense)$"
+# PathWeave's other adapters: plain per-task adapters on the projection from the Q-Former into the LLM, summed
+# (`summed_target_modules`). Matches transformers' `Blip2ForConditionalGeneration.language_projection`.
+BLIP2_PROJECTION_MODULES = ["language_projection"]
 
 
 @dataclass
@@ -43,6 +46,11 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
 
     and the adapter's total after ``T`` tasks is ``sum_{t<T} P(t)`` per layer (see
     :func:`peft_ext.tuners.ana.layer.ana_task_parameter_count`).
+
+    **Summed layers** (``summed_target_modules``): task ``t`` has only its own adapter ``A_t`` (no in-adapters, no
+    gate) and the layer returns ``W x + sum_{i<=t} A_i(x)``, the earlier tasks' adapters frozen; ``P(t)`` there is
+    the first line of the formula alone. This is PathWeave's placement on BLIP-2's LLM projection
+    (``docs/pathweave.md``).
 
     Args:
         r (`int`):
@@ -82,6 +90,15 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             BLIP-2's Q-Former use ``QFORMER_TARGET_MODULES`` (the paper's placement).
         exclude_modules (`Union[list[str], str]`):
             Names (or a regex) of modules not to adapt.
+        summed_target_modules (`Union[list[str], str]`):
+            Names (or a regex, matched as ``target_modules`` is) of further ``nn.Linear`` / ``Conv1D`` modules that
+            get *summed* per-task adapters: task ``t``'s output there is ``W x + sum_{i<=t} s_i * up_i(down_i(x))``,
+            with no in-adapters and no gate (shapes as above: ``down_i`` ``d_in -> r``, ``up_i`` ``r -> d_out``).
+            A module matching both lists is summed; ``exclude_modules`` applies, ``layers_to_transform`` does not.
+            ``None`` (default): no summed layer (adapters saved before this option existed load unchanged). PathWeave
+            puts such adapters on BLIP-2's ``language_projection`` (``BLIP2_PROJECTION_MODULES``). A summed layer
+            outside every routed tower (BLIP-2's projection sits between the Q-Former and the LLM) follows the
+            routing of the tower before it in module order (the Q-Former's), see :meth:`AnAModel._install_routing_hook`.
         fan_in_fan_out (`bool`):
             True when the target stores its weight as ``(fan_in, fan_out)`` like GPT-2's ``Conv1D`` (set
             automatically).
@@ -142,6 +159,13 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or regex not to adapt."}
     )
+    summed_target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Further module names or regex to adapt with plain per-task adapters summed over tasks <= t "
+            "(no in-adapters, no gate), e.g. BLIP-2's language_projection (PathWeave)."
+        },
+    )
     fan_in_fan_out: bool = field(
         default=False, metadata={"help": "True for layers storing weight as (fan_in, fan_out), e.g. GPT-2 Conv1D."}
     )
@@ -163,6 +187,8 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.ANA
         normalize_module_names(self)
+        if isinstance(self.summed_target_modules, list):
+            self.summed_target_modules = set(self.summed_target_modules)  # as target_modules (PEFT's convention)
         check_positive_ints(self, "r")
         if self.in_adapter_init not in IN_ADAPTER_INITS:
             raise ValueError(f"in_adapter_init must be one of {IN_ADAPTER_INITS}, got {self.in_adapter_init!r}.")

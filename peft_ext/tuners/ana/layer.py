@@ -1,5 +1,9 @@
 """AnA layers: per-task linear adapters, adapter-in-adapter experts and a per-task noisy MoE gate.
 
+A layer targeted through ``summed_target_modules`` keeps only the per-task adapters and sums them (no in-adapters,
+no gate): PathWeave's adapters on BLIP-2's LLM projection. Its checkpoint keys are the same minus the in-adapters
+and gates (``language_projection.ana_tasks.1.up.weight``).
+
 State layout (PEFT's shape): ``ana_tasks[adapter_name]`` is an ``nn.ModuleList`` of :class:`AnATask`, one per task in
 ``config.task_names`` order, so PEFT's device/dtype/delete/save machinery handles every task at once. Checkpoint keys
 carry task *indices*, never task names (``...query.ana_tasks.2.in_adapters.0.weight``), so renaming tasks or
@@ -32,14 +36,19 @@ SPARSE_BLOCK_ROWS = 16
 STACK_CACHE_TASKS = 4
 
 
-def ana_task_parameter_count(in_features: int, out_features: int, r: int, task_index: int, noisy_gating: bool) -> int:
+def ana_task_parameter_count(
+    in_features: int, out_features: int, r: int, task_index: int, noisy_gating: bool, summed: bool = False
+) -> int:
     """Trainable parameters of task ``task_index`` (0-based) in one adapted ``in_features -> out_features`` layer.
 
     ``r*(d_in + d_out) + r + d_out + 1`` (own adapter with biases and scale) ``+ t*(r*r + r)`` (in-adapters)
-    ``+ [t > 0] * G * d_in * (t + 1)`` (gate; ``G = 2`` with noisy gating).
+    ``+ [t > 0] * G * d_in * (t + 1)`` (gate; ``G = 2`` with noisy gating). A ``summed`` layer has the first
+    term only.
     """
     t = task_index
     own = r * (in_features + out_features) + r + out_features + 1
+    if summed:
+        return own
     in_adapters = t * (r * r + r)
     gate = (2 if noisy_gating else 1) * in_features * (t + 1) if t > 0 else 0
     return own + in_adapters + gate
@@ -51,19 +60,22 @@ class AnATask(nn.Module):
     Attributes:
         down (`nn.Linear`): ``d_in -> r`` with bias. up (`nn.Linear`): ``r -> d_out`` with bias.
         scale (`nn.Parameter`): shape ``(1,)``, the learnable scalar ``s_t``.
-        in_adapters (`nn.ModuleList`): ``t`` linears ``r -> r`` with bias; entry ``i`` is ``F_i^t``.
-        gate, gate_noise (`nn.Parameter` or None): ``(d_in, t + 1)`` gate and noise weights (None for task 0;
-            ``gate_noise`` also None without noisy gating).
+        in_adapters (`nn.ModuleList`): ``t`` linears ``r -> r`` with bias; entry ``i`` is ``F_i^t`` (empty in a
+            summed layer).
+        gate, gate_noise (`nn.Parameter` or None): ``(d_in, t + 1)`` gate and noise weights (None for task 0 and
+            in a summed layer; ``gate_noise`` also None without noisy gating).
     """
 
-    def __init__(self, index: int, in_features: int, out_features: int, r: int, noisy_gating: bool) -> None:
+    def __init__(
+        self, index: int, in_features: int, out_features: int, r: int, noisy_gating: bool, summed: bool = False
+    ) -> None:
         super().__init__()
         self.index = index
         self.down = nn.Linear(in_features, r)
         self.up = nn.Linear(r, out_features)
         self.scale = nn.Parameter(torch.ones(1))
-        self.in_adapters = nn.ModuleList([nn.Linear(r, r) for _ in range(index)])
-        if index > 0:
+        self.in_adapters = nn.ModuleList([nn.Linear(r, r) for _ in range(0 if summed else index)])
+        if index > 0 and not summed:
             self.gate = nn.Parameter(torch.zeros(in_features, index + 1))
             self.gate_noise = nn.Parameter(torch.zeros(in_features, index + 1)) if noisy_gating else None
         else:
@@ -134,8 +146,9 @@ class AnALayer(BaseTunerLayer):
             raise TypeError(f"AnA only adapts torch.nn.Linear and transformers' Conv1D, got {type(base).__name__}.")
 
     # -- construction -----------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: AnAConfig, **kwargs) -> None:
-        """Create the adapter ``adapter_name`` with one :class:`AnATask` per entry of ``config.task_names``."""
+    def update_layer(self, adapter_name: str, config: AnAConfig, summed: bool = False, **kwargs) -> None:
+        """Create the adapter ``adapter_name`` with one :class:`AnATask` per entry of ``config.task_names``;
+        ``summed``: the layer is one of ``config.summed_target_modules`` (plain adapters, summed over tasks)."""
         r = config.r
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}.")
@@ -147,12 +160,14 @@ class AnALayer(BaseTunerLayer):
             "noisy_gating": config.noisy_gating,
             "top_k": config.top_k,
             "gate_top_k": getattr(config, "gate_top_k", None),
+            "summed": summed,
         }
         num_tasks = max(1, len(config.task_names))
         tasks = nn.ModuleList()
         for index in range(num_tasks):
             tasks.append(self._new_task(adapter_name, index))
-        if config.init_weights and num_tasks > 1:
+        if config.init_weights and num_tasks > 1 and not summed:
+            # (a summed layer has no in-adapters to feed: its zero-init tasks already leave the model unchanged)
             self._init_placeholder_tasks(tasks)
         self.ana_tasks[adapter_name] = tasks
         last_ended = bool(config.task_names) and config.task_names[-1] in config.ended_tasks
@@ -179,12 +194,25 @@ class AnALayer(BaseTunerLayer):
 
     def _new_task(self, adapter_name: str, index: int) -> AnATask:
         settings = self.ana_settings[adapter_name]
-        task = AnATask(index, self.in_features, self.out_features, self.ana_r[adapter_name], settings["noisy_gating"])
+        task = AnATask(
+            index,
+            self.in_features,
+            self.out_features,
+            self.ana_r[adapter_name],
+            settings["noisy_gating"],
+            summed=settings.get("summed", False),
+        )
         task.reset(settings["init_weights"], settings["in_adapter_init"], settings["scale_init"])
         return task
 
+    @property
+    def summed_only(self) -> bool:
+        """True when every adapter of this layer is a summed one (``summed_target_modules``)."""
+        return bool(self.ana_settings) and all(s.get("summed", False) for s in self.ana_settings.values())
+
     def add_task(self, adapter_name: str, task_name: str) -> None:
-        """Append a task: its adapter, one in-adapter per earlier task and its gate; freeze all earlier tasks."""
+        """Append a task: its adapter, one in-adapter per earlier task and its gate (a summed layer: the adapter
+        only); freeze all earlier tasks."""
         tasks = self.ana_tasks[adapter_name]
         reference = tasks[0].down.weight
         task = self._new_task(adapter_name, len(tasks))
@@ -229,10 +257,11 @@ class AnALayer(BaseTunerLayer):
         return noisy_top_k_gating(x, task.gate, task.gate_noise, k, training=self.training)
 
     def task_gates(self, adapter_name: str, task_index: int, x: torch.Tensor) -> torch.Tensor:
-        """Gate values ``(N, t + 1)`` (float32) of task ``t`` for tokens ``x`` ``(N, d_in)``."""
+        """Gate values ``(N, t + 1)`` (float32) of task ``t`` for tokens ``x`` ``(N, d_in)``: all ones for task 0 and
+        in a summed layer (no gate: every path counts fully)."""
         task = self.ana_tasks[adapter_name][task_index]
         if task.gate is None:
-            return x.new_ones(x.shape[0], 1, dtype=torch.float32)
+            return x.new_ones(x.shape[0], task_index + 1, dtype=torch.float32)
         settings = self.ana_settings[adapter_name]
         top_k = settings["top_k"] if settings.get("gate_top_k") is None else settings["gate_top_k"]
         num_experts = task_index + 1
@@ -314,7 +343,8 @@ class AnALayer(BaseTunerLayer):
         stacked down-projections ``(E*r, d_in)`` (one matmul for all paths), and the gate-weighted features times
         the stacked, scale-folded up-projections (with their biases) ``(E*(r + 1), d_out)`` are a second matmul --
         the cost of a LoRA of rank ``E*r`` plus the gate. With ``gate_top_k = k < E`` only the ``k`` selected paths
-        of each token are computed (:meth:`_sparse_paths`).
+        of each token are computed (:meth:`_sparse_paths`). A summed layer: ``sum_{e<=t} s_e * up_e(down_e(x))``
+        (every gate 1, no in-adapters), the same two matmuls.
         """
         tasks = self.ana_tasks[adapter_name]
         task = tasks[task_index]
@@ -324,6 +354,10 @@ class AnALayer(BaseTunerLayer):
         settings = self.ana_settings[adapter_name]
         gate_top_k = settings.get("gate_top_k")
         w_down, b_down, up = self._task_paths(adapter_name, task_index)
+        if settings.get("summed", False):
+            h = F.linear(x, w_down, b_down).view(x.shape[0], num_paths, -1)  # (N, E, r)
+            h = torch.cat([h, h.new_ones(*h.shape[:2], 1)], dim=-1)  # (N, E, r + 1): the 1 carries the up bias
+            return h.flatten(1) @ up.flatten(0, 1)
         if gate_top_k is not None and gate_top_k < num_paths:
             gate = self._gate(adapter_name, task_index, x, gate_top_k)
             return self._sparse_paths(x, w_down, b_down, up, gate.top_gates.to(x.dtype), gate.top_indices)
@@ -457,13 +491,19 @@ class AnALinear(nn.Module, AnALayer):
     """AnA on a ``torch.nn.Linear`` (or transformers ``Conv1D``) base layer."""
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: AnAConfig, fan_in_fan_out: bool = False, **kwargs
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: AnAConfig,
+        fan_in_fan_out: bool = False,
+        summed: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__()
         AnALayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, summed=summed)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge single-task adapters exactly (``W += s*up.W@down.W``, ``b += s*(up.W@down.b + up.b)``).

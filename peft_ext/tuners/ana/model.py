@@ -5,9 +5,15 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _ExcludedModule,
+    check_target_module_exists,
+    match_target_against_key,
+)
 from torch import nn
 
+from ...routing.core import WHOLE_MODEL_SCOPE, RoutingHooks, find_scopes, scope_of
 from ...routing.selector import TaskSelectorMixin
 from ...routing.tasks import ContinualTunerMixin, EndTaskReport, check_task_name
 from ..checkpoint import CheckedCheckpointMixin, remove_nested_adapter_name
@@ -30,6 +36,17 @@ TRANSFORMERS_MODELS_TO_ANA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 }
 
 
+def is_summed_target(config: AnAConfig, key: str) -> bool:
+    """Whether module ``key`` is one of ``config.summed_target_modules`` (a regex: full match; names: the key or a
+    ``.``-suffix of it, as PEFT matches ``target_modules``). Configs written before the option existed have none."""
+    spec = getattr(config, "summed_target_modules", None)
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return bool(match_target_against_key(spec, key))
+    return key in spec or any(key.endswith(f".{name}") for name in spec)
+
+
 class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, BaseTuner):
     """Creates an AnA model (PathWeave's Adapter-in-Adapter with an MoE gate); use it through ``get_peft_model``.
 
@@ -48,6 +65,9 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
     with ``G = 2`` for noisy gating (gate and noise weights), else 1 (:meth:`task_parameter_count`). The forward
     cost of task ``t`` grows linearly in ``t``: ``t + 1`` rank-``r`` experts per adapted layer, computed with
     one stacked matmul per projection, so the slope per task is about one rank-``r`` LoRA.
+
+    Summed layers (``config.summed_target_modules``, PathWeave's LLM-projection adapters): plain per-task adapters
+    summed over tasks ``<= t``, no in-adapters and no gate (:class:`~peft_ext.tuners.ana.config.AnAConfig`).
 
     Merging: a multi-task adapter's output is an input-dependent gated mixture, so ``merge``/``merge_and_unload``
     raise ``ValueError``. A single-task adapter is a plain linear adapter and merges exactly
@@ -115,13 +135,22 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
             peft_config.target_modules = set(self.target_module_mapping[model_type])
         return peft_config
 
+    @staticmethod
+    def _check_target_module_exists(peft_config, key):
+        """PEFT's matching of ``target_modules`` (and ``exclude_modules``), plus ``summed_target_modules``."""
+        found = check_target_module_exists(peft_config, key)
+        if found or isinstance(found, _ExcludedModule):  # an excluded module stays excluded
+            return found
+        return is_summed_target(peft_config, key)
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        summed = is_summed_target(config, current_key)
         if isinstance(target, AnALayer):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, summed=summed)
             return
-        new_module = self._create_new_module(config, adapter_name, target)
+        new_module = self._create_new_module(config, adapter_name, target, summed=summed)
         new_module.routing = self.routing
         if adapter_name not in self.active_adapters:
             # an added adapter is not trainable until it is activated
@@ -129,9 +158,38 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(config: AnAConfig, adapter_name: str, target: nn.Module) -> AnALinear:
+    def _create_new_module(config: AnAConfig, adapter_name: str, target: nn.Module, summed: bool = False) -> AnALinear:
         fan_in_fan_out = linear_fan_in_fan_out(config, target, "AnA")
-        return AnALinear(target, adapter_name, config=config, fan_in_fan_out=fan_in_fan_out)
+        return AnALinear(target, adapter_name, config=config, fan_in_fan_out=fan_in_fan_out, summed=summed)
+
+    # -- routing ----------------------------------------------------------------------------------------------------
+    def _install_routing_hook(self) -> None:
+        """The shared scopes (:func:`~peft_ext.routing.core.find_scopes`), except that summed layers lying outside
+        every tower do not turn the model into one scope: such a layer follows the scope of the routed layer
+        before it in module order.
+
+        Why: BLIP-2's ``language_projection`` sits between the ``qformer`` and ``language_model`` towers. Counted
+        as a layer of its own it would make the whole model one scope, whose start hook is the model's forward --
+        which ``Blip2ForConditionalGeneration.generate`` never calls, so decisions would outlive their forward. It
+        maps the Q-Former's output for the same samples, so it reads the Q-Former's decision (made by the
+        Q-Former's first routed layer, dropped when the Q-Former's next forward starts)."""
+        super()._install_routing_hook()
+        layers = [(key, m) for key, m in self.model.named_modules() if isinstance(m, AnALayer)]
+        gated = [key for key, m in layers if not m.summed_only]
+        if not gated:
+            return
+        scopes = find_scopes(self.model, gated)
+        if scopes == self.routing.scopes:
+            return  # the summed layers lie inside the towers (or the model is one scope anyway)
+        self._remove_routing_hook()
+        self.routing.scopes = scopes
+        previous = scopes[0]
+        for key, layer in layers:
+            scope = scope_of(key, scopes)
+            if scope == WHOLE_MODEL_SCOPE and WHOLE_MODEL_SCOPE not in scopes:
+                scope = previous  # a summed layer between towers (gated layers all lie in one by construction)
+            layer.routing_scope = previous = scope
+        self._routing_hook_handle = RoutingHooks(self.routing).install(self.model)
 
     # -- checkpoint keys ------------------------------------------------------------------------------------------
     @classmethod
@@ -243,6 +301,13 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
         config = self.peft_config[name]
         index = self.routing.task_index(name, task_name)
         return sum(
-            ana_task_parameter_count(layer.in_features, layer.out_features, config.r, index, config.noisy_gating)
+            ana_task_parameter_count(
+                layer.in_features,
+                layer.out_features,
+                config.r,
+                index,
+                config.noisy_gating,
+                summed=layer.ana_settings[name].get("summed", False),
+            )
             for layer in self._layers(name)
         )
