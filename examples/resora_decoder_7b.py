@@ -131,7 +131,7 @@ def main():
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)  # adapter_model.safetensors + adapter_config.json
     if args.push_to_hub and trainer.is_world_process_zero():
-        from peft_ext.hub import push_continual_run_to_hub
+        from peft_ext.trainers.hub import push_continual_run_to_hub
 
         push_continual_run_to_hub(args.output_dir, args.push_to_hub, base_model=None if args.smoke else args.model)
 

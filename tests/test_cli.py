@@ -104,15 +104,15 @@ def test_short_flags_override_training_arguments():
 
 
 def test_learning_rate_defaults_per_method_and_explicit_values_win():
+    from peft_ext import METHODS
     from peft_ext.cli import _parser
-    from peft_ext.trainers.strategies import STRATEGIES
 
     def parse(*argv):
         (args,) = _parser().parse_args_into_dataclasses(list(argv))
         return args.learning_rate
 
-    assert parse("--method", "lora") == STRATEGIES["lora"].default_learning_rate == 3e-3
-    assert parse("--method", "moecl") == STRATEGIES["moecl"].default_learning_rate == 3e-2
+    assert parse("--method", "lora") == METHODS["lora"].default_learning_rate == 3e-3
+    assert parse("--method", "moecl") == METHODS["moecl"].default_learning_rate == 3e-2
     assert parse("--method", "moecl", "--learning_rate", "1e-3") == 1e-3
     assert parse("--method", "ana", "--lr", "2e-4") == 2e-4
 

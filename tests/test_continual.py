@@ -18,6 +18,7 @@ from peft_ext.trainers import (
     ContinualSchedule,
     ContinualTrainingArguments,
     TaskHeadClassifier,
+    available_methods,
     get_strategy,
     register_strategy,
 )
@@ -66,7 +67,8 @@ def shared_run(tmp_path_factory, tokenizer):
 
 
 def test_registry_has_the_four_methods_and_no_unknown():
-    assert {"lora", "resora", "ana", "moecl"} <= set(STRATEGIES)
+    assert {"lora", "resora", "ana", "moecl"} <= set(available_methods())
+    assert type(get_strategy("ana")).__mro__[1].__name__ == "_RoutedStrategy"  # derived from its description
     with pytest.raises(ValueError, match="Unknown method 'nope'"):
         get_strategy("nope")
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import MLP, Tiny, tiny_bert, tiny_llama
 
 import peft_ext
-from peft_ext.hub import load_continual_run
+from peft_ext.trainers.hub import load_continual_run
 from peft_ext.tuners.checkpoint import AdapterCheckpointError
 
 

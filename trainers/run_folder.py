@@ -119,7 +119,7 @@ def fingerprint_differences(old: Any, new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def _read_json(path: Path) -> tuple[Optional[Any], Optional[str]]:
+def read_json(path: Path) -> tuple[Optional[Any], Optional[str]]:
     """(content, None), or (None, why it cannot be read)."""
     try:
         return json.loads(path.read_text(encoding="utf-8")), None
@@ -200,7 +200,7 @@ class RunFolder:
         leftovers = {LOCK_FILE, MARKER_FILE + ".tmp"}
         if not where.exists() or all(entry.name in leftovers for entry in where.iterdir()):
             return "new"
-        marker, problem = _read_json(where / MARKER_FILE)
+        marker, problem = read_json(where / MARKER_FILE)
         if marker is not None and not isinstance(marker, dict):
             marker, problem = None, "unreadable (not a JSON object)"
         if marker is None:
@@ -252,7 +252,7 @@ class RunFolder:
         self._lock.release()
 
     def _delete_run_files(self) -> None:
-        marker, _ = _read_json(self.path / MARKER_FILE)
+        marker, _ = read_json(self.path / MARKER_FILE)
         previous = marker.get("tasks", []) if isinstance(marker, dict) else []
         names = set(RUN_ENTRIES) | {t for t in list(previous) + self.task_names if isinstance(t, str)}
         names |= {f"{name}.tmp" for name in (MARKER_FILE, METRICS_FILE, RUN_STATE_FILE, "README.md")}  # atomic writes
@@ -286,7 +286,7 @@ class RunFolder:
                 if entry.name.endswith(".partial"):
                     logger.warning(f"Skipping {entry}: a checkpoint that was being written when a run stopped.")
                 continue
-            state, problem = _read_json(entry / STATE_FILE)
+            state, problem = read_json(entry / STATE_FILE)
             index = int(match.group(1))
             if problem is None and not self._usable_state(state, index):
                 problem = "not a complete checkpoint of this run"
@@ -356,7 +356,7 @@ class RunFolder:
             match = _TRAINER_CHECKPOINT_NAME.fullmatch(entry.name)
             if match is None or not entry.is_dir():
                 continue
-            state, problem = _read_json(entry / "trainer_state.json")
+            state, problem = read_json(entry / "trainer_state.json")
             step = int(match.group(1))
             if problem is None and not (isinstance(state, dict) and state.get("global_step") == step):
                 problem = "names another step"
@@ -395,6 +395,7 @@ __all__ = [
     "STATE_FILE",
     "TRAINER_DIR",
     "atomic_write_text",
+    "read_json",
     "data_digest",
     "fingerprint_differences",
     "training_fingerprint",

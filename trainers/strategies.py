@@ -1,9 +1,12 @@
-"""How each PEFT method follows a task stream: one strategy class per method, found in a registry.
+"""How each PEFT method follows a task stream: a strategy per method, derived from the method's description.
 
 A strategy builds the PEFT model for the first task, prepares it for every later task, finishes a task after
 training, routes task-aware evaluation to a task, and, where it can, infers the task of an input (task-agnostic
-evaluation). Adding a method means registering one class (:func:`register_strategy`), never editing a chain of
-``if method == ...``.
+evaluation). Every method described in :data:`peft_ext.registry.METHODS` gets one without any code here: the
+continual contract's strategy when its tuner implements it (``MethodInfo.routes_tasks``), the LoRA-shaped one
+otherwise, with the method's config class and default learning rate. A method whose continual behaviour needs more
+(options of its own, another way to finish a task) registers a subclass with :func:`register_strategy`; so can a
+variant of a method under a new name, never by editing a chain of ``if method == ...``.
 
 * ``lora`` / ``resora``: by default **one shared adapter trained sequentially** (the baseline that forgets);
   with ``adapter_per_task=True`` one fresh adapter per task (the "separate adapters" reference), routed by task
@@ -25,17 +28,22 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
+from peft_ext.registry import METHODS, MethodInfo
+
 from .data_files import read_json_file
 from .heads import TaskHeadClassifier
 
 
+# Strategies registered by name: a method's own continual behaviour, or a variant of a method under a new name.
 STRATEGIES: dict[str, type["ContinualStrategy"]] = {}
 
 
 def register_strategy(name: str):
-    """Class decorator: make a strategy available as ``method=name`` (CLI ``--method name``)."""
+    """Class decorator: make a strategy the one of ``method=name`` (CLI ``--method name``)."""
 
     def decorate(cls):
+        if name not in METHODS and cls.described_as is None:
+            cls.described_as = cls.method  # a variant of the method it subclasses the strategy of
         cls.method = name
         STRATEGIES[name] = cls
         return cls
@@ -44,13 +52,29 @@ def register_strategy(name: str):
 
 
 def available_methods() -> list[str]:
-    return list(STRATEGIES)
+    """Every ``--method``: the described methods, then the strategies registered under other names."""
+    return list(METHODS) + [name for name in STRATEGIES if name not in METHODS]
+
+
+def strategy_class(method: str) -> type["ContinualStrategy"]:
+    """The strategy class of ``method``: its registered one, or the one its description implies."""
+    if method in STRATEGIES:
+        return STRATEGIES[method]
+    info = METHODS.get(method)
+    if info is None:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(available_methods())}.")
+    base = _RoutedStrategy if info.routes_tasks else _LoraLikeStrategy
+    return type(f"{info.display_name}Strategy", (base,), {"method": method})
 
 
 def get_strategy(method: str, method_config: Optional[dict[str, Any]] = None) -> "ContinualStrategy":
-    if method not in STRATEGIES:
-        raise ValueError(f"Unknown method {method!r}; choose one of {available_methods()}.")
-    return STRATEGIES[method](dict(method_config or {}))
+    return strategy_class(method)(dict(method_config or {}))
+
+
+def default_learning_rate(method: str) -> float:
+    """The learning rate of a continual run of ``method`` that sets none (its description's)."""
+    info = strategy_class(method).info()
+    return info.default_learning_rate if info is not None else MethodInfo.default_learning_rate
 
 
 def load_method_config(source: Optional[str]) -> dict[str, Any]:
@@ -99,13 +123,18 @@ class ContinualStrategy:
 
     Attributes:
         method (`str`): registry name. options (`dict`): option name -> default.
-        default_learning_rate (`float`): used by a continual run that sets no learning rate (see
-            ``benchmarks/bench_continual.py --lrs``, which measured these on the embedded sequence).
+        described_as (`str`): the described method (``peft_ext.registry.METHODS``) whose config class and default
+            learning rate this strategy uses: ``method`` itself unless a variant names another.
     """
 
     method: str = ""
     options: dict[str, Any] = {}
-    default_learning_rate: float = 3e-3
+    described_as: Optional[str] = None
+
+    @classmethod
+    def info(cls) -> Optional[MethodInfo]:
+        """The method's description; None for a strategy registered under a name no method describes."""
+        return METHODS.get(cls.described_as or cls.method)
 
     def __init__(self, method_config: dict[str, Any]) -> None:
         self.settings = {k: method_config.pop(k, v) for k, v in self.options.items()}
@@ -113,7 +142,10 @@ class ContinualStrategy:
 
     # -- config -------------------------------------------------------------------------------------------------
     def config_class(self) -> type[PeftConfig]:
-        raise NotImplementedError
+        info = self.info()
+        if info is None:
+            raise NotImplementedError(f"Strategy {self.method!r} describes no method: define its config_class().")
+        return info.config_cls
 
     def default_config(self) -> dict[str, Any]:
         return {}
@@ -260,29 +292,14 @@ def _active_adapter(model: PeftModel, adapter: str) -> Iterator[None]:
         model.set_adapter(previous)
 
 
-def _peft_ext_config(name: str) -> type[PeftConfig]:
-    """A peft-ext config class (importing ``peft_ext`` registers its methods with PEFT)."""
-    import peft_ext
-
-    return getattr(peft_ext, name)
-
-
 @register_strategy("lora")
 class LoraStrategy(_LoraLikeStrategy):
-    def config_class(self):
-        from peft import LoraConfig
-
-        return LoraConfig
-
     def default_config(self):
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
 
 
 @register_strategy("resora")
 class ReSoRAStrategy(_LoraLikeStrategy):
-    def config_class(self):
-        return _peft_ext_config("ReSoRAConfig")
-
     def default_config(self):
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
 
@@ -340,22 +357,11 @@ class _RoutedStrategy(ContinualStrategy):
         return names, preds
 
 
-@register_strategy("ana")
-class AnAStrategy(_RoutedStrategy):
-    def config_class(self):
-        return _peft_ext_config("AnAConfig")
-
-
 @register_strategy("moecl")
 class MoECLStrategy(_RoutedStrategy):
     # recount_routes: activate-freeze counts the experts the trained router picks on the task's inputs (eval mode)
     # instead of the counts accumulated over training (the paper's); see MoECLModel.end_task
     options = {**_RoutedStrategy.options, "recount_routes": True}
-    # the experts' output is scaled by 0.1 (the paper's scaling): Adam steps need to be ~10x larger than LoRA's
-    default_learning_rate = 3e-2
-
-    def config_class(self):
-        return _peft_ext_config("MoECLConfig")
 
     def end_task_batches(self, batches):
         return batches if self.settings["recount_routes"] else None  # None: the counts of the training forwards
@@ -363,14 +369,15 @@ class MoECLStrategy(_RoutedStrategy):
 
 __all__ = [
     "STRATEGIES",
-    "AnAStrategy",
     "ContinualStrategy",
     "LoraStrategy",
     "MoECLStrategy",
     "ReSoRAStrategy",
     "available_methods",
+    "default_learning_rate",
     "default_method_config",
     "get_strategy",
     "load_method_config",
     "register_strategy",
+    "strategy_class",
 ]

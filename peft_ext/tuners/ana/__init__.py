@@ -27,4 +27,31 @@ __all__ = [
     "ana_task_parameter_count",
 ]
 
-register_method("ana", config_cls=AnAConfig, model_cls=AnAModel)
+
+def describe(config: AnAConfig) -> str:
+    """``config``'s main settings in words (the preset catalogue, model cards)."""
+    if config.gate_top_k is not None:
+        gate = f"top-{config.gate_top_k} gate computing only the chosen paths"
+    elif config.top_k is not None:
+        gate = f"top-{config.top_k} gate"
+    else:
+        gate = "dense gate"
+    noisy = "noisy " if config.noisy_gating else ""
+    summed = config.summed_target_modules
+    if isinstance(summed, (set, list)):
+        summed = ", ".join(sorted(summed))
+    tail = f"; plain per-task adapters summed on {summed}" if summed else ""
+    return f"r={config.r}, {noisy}{gate}, {config.in_adapter_init} in-adapters{tail}"
+
+
+register_method(
+    "ana",
+    config_cls=AnAConfig,
+    model_cls=AnAModel,
+    display_name="AnA",
+    summary=(
+        "Adapter-in-Adapter with an MoE gate (PathWeave, arXiv 2410.20178): one linear adapter per task, earlier "
+        "tasks' adapters reused as experts through small in-adapters, mixed by a per-token gate"
+    ),
+    describe=describe,
+)

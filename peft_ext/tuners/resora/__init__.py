@@ -18,4 +18,20 @@ __all__ = [
     "weight_overlap",
 ]
 
-register_method("resora", config_cls=ReSoRAConfig, model_cls=ReSoRAModel)
+
+def describe(config: ReSoRAConfig) -> str:
+    """``config``'s main settings in words (the preset catalogue, model cards)."""
+    return f"r={config.r}, {config.num_subspaces} subspaces, {config.regularizer} regularizer x {config.reg_weight:g}"
+
+
+register_method(
+    "resora",
+    config_cls=ReSoRAConfig,
+    model_cls=ReSoRAModel,
+    display_name="ReSoRA",
+    summary=(
+        "LoRA split into equivalent rank subspaces, trained with a de-redundancy regularizer (arXiv 2507.20745); "
+        "merges like LoRA"
+    ),
+    describe=describe,
+)

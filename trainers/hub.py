@@ -1,7 +1,10 @@
 """Sharing continual runs on the Hugging Face Hub: a model card, a safetensors-only upload, and loading back.
 
+This is the training side's: a run folder's layout is :mod:`.run_folder`'s, the heads' files :mod:`.heads`', and
+what the card says of a method is its description in :data:`peft_ext.registry.METHODS`.
+
 A continual run folder (what :class:`peft_ext.trainers.ContinualSchedule` or ``peft-ext continual`` writes) holds one
-PEFT adapter with every task inside it (routers, experts, in-adapters and the DDAS selector are all tensors of that
+PEFT adapter with every task inside it (routers, experts, in-adapters and the task selector are all tensors of that
 adapter), the per-task classification heads, and ``metrics.json``. This module
 
 * writes a model card (``README.md``) from those files: method, base model (its Hub id, never a local path),
@@ -36,41 +39,22 @@ from pathlib import Path
 from typing import Any, Union
 
 from huggingface_hub import ModelCard, ModelCardData
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+from peft_ext.registry import method_of_peft_type
+
+from .heads import HEADS_CONFIG, HEADS_WEIGHTS, TaskHeadClassifier
+from .run_folder import CURVES_FILE, HEATMAP_FILE, METRICS_FILE, RUN_STATE_FILE, atomic_write_text, read_json
 
 
 PathLike = Union[str, os.PathLike]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-HEADS_WEIGHTS = "heads.safetensors"
-HEADS_CONFIG = "heads.json"
-METRICS_FILE = "metrics.json"
-RUN_STATE_FILE = "run_state.json"
+WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME
 CARD_NAME = "README.md"
 # Published beside the adapter when present (a run's outputs). Resume checkpoints, trainer folders, run_state.json
 # (local paths and timings) and anything pickled stay home.
-OPTIONAL_FILES = (HEADS_WEIGHTS, HEADS_CONFIG, METRICS_FILE, "accuracy_heatmap.png", "accuracy_curves.png")
+OPTIONAL_FILES = (HEADS_WEIGHTS, HEADS_CONFIG, METRICS_FILE, HEATMAP_FILE, CURVES_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-METHOD_NAMES = {
-    "LORA": ("LoRA", "low-rank adapters, PEFT's own LoRA (arXiv 2106.09685)"),
-    "MOECL": (
-        "MoE-CL",
-        "mixture-of-experts adapters for continual learning (MoE-Adapters4CL, arXiv 2403.11549): a pool of "
-        "bottleneck experts beside each adapted block, one router per task, activate-freeze of the most used experts "
-        "after each task, and the DDAS autoencoder task selector for task-agnostic inference",
-    ),
-    "ANA": (
-        "AnA",
-        "Adapter-in-Adapter with an MoE gate (PathWeave, arXiv 2410.20178): one linear adapter per task, earlier "
-        "tasks' adapters reused as experts through small in-adapters, mixed by a per-token gate",
-    ),
-    "RESORA": (
-        "ReSoRA",
-        "LoRA split into equivalent rank subspaces, trained with a de-redundancy regularizer (arXiv 2507.20745); "
-        "merges like LoRA",
-    ),
-}
 
 
 class HubExportError(ValueError):
@@ -81,12 +65,13 @@ class HubExportError(ValueError):
 # reading a run folder
 # ----------------------------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    """The JSON object in ``path``; None when the file is missing; a one-line error when it cannot be read."""
+    content, problem = read_json(path)
+    if problem == "missing":
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise HubExportError(f"{path} is not valid JSON: {err}") from None
+    if problem is not None or not isinstance(content, dict):
+        raise HubExportError(f"{path} is {problem or 'not a JSON object'}.")
+    return content
 
 
 def adapter_folders(run_dir: PathLike) -> list[Path]:
@@ -194,7 +179,7 @@ def _repository_url() -> str | None:
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from peft_ext import __version__
 
     found = [f"peft-ext {__version__}"]
     for name, dist in (("PEFT", "peft"), ("Transformers", "transformers"), ("PyTorch", "torch")):
@@ -208,8 +193,16 @@ def _versions() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # the model card
 # ----------------------------------------------------------------------------------------------------------------
-# peft-ext's own adapter types: PEFT knows them only after `import peft_ext`.
-PEFT_EXT_TYPES = ("RESORA", "ANA", "MOECL")
+def _needs_peft_ext(peft_type: str) -> bool:
+    """Whether PEFT knows ``peft_type`` only after ``import peft_ext`` (peft-ext's methods and its plugins')."""
+    info = method_of_peft_type(peft_type)
+    return info is not None and info.needs_peft_ext
+
+
+def _routes_tasks(peft_type: str) -> bool:
+    """Whether one adapter of ``peft_type`` holds every task, served inside ``model.route(task)``."""
+    info = method_of_peft_type(peft_type)
+    return info is not None and info.routes_tasks
 
 
 def _pct(value: float | None) -> str:
@@ -229,7 +222,7 @@ def _matrix_table(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str]
 
 def _layout_text(peft_type: str, per_task: bool) -> str:
     overwrite = "later tasks can overwrite what earlier ones learned"
-    if peft_type in ("ANA", "MOECL"):
+    if _routes_tasks(peft_type):
         return "one PEFT adapter holds every task (named `default`; a task is served inside `model.route(task)`)"
     if per_task:
         return (
@@ -255,7 +248,7 @@ def _install_text(peft_type: str) -> list[str]:
         lines += [f"git clone {url} peft-ext", "pip install -e ./peft-ext", "```"]
     else:
         lines += ["git clone <URL of the peft-ext repository> peft-ext", "pip install -e ./peft-ext", "```"]
-    if peft_type not in PEFT_EXT_TYPES:
+    if not _needs_peft_ext(peft_type):
         lines += [
             "",
             f"`{peft_type}` is one of PEFT's own adapter types: PEFT alone (`pip install peft`) loads the adapter; "
@@ -275,12 +268,12 @@ def _load_snippet(
 ) -> str:
     first = tasks[0] if tasks else "<task>"
     lines = []
-    if peft_type in PEFT_EXT_TYPES:
+    if _needs_peft_ext(peft_type):
         lines.append("import peft_ext  # first: registers RESORA, ANA and MOECL with PEFT")
     lines += ["from peft import PeftModel", "from transformers import AutoModel, AutoTokenizer", ""]
     if has_heads:
         lines += [
-            "from peft_ext.hub import load_continual_run",
+            "from peft_ext.trainers.hub import load_continual_run",
             "",
             f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")',
             'batch = dict(tokenizer(["some text to classify"], return_tensors="pt", padding=True))',
@@ -288,11 +281,12 @@ def _load_snippet(
             f'model, classifier = load_continual_run(base, "{repo}")  # the adapter(s) and the task heads',
         ]
         logits = f'logits = classifier.logits(classifier.features(**batch), "{first}")'
-        if peft_type in ("MOECL", "ANA"):
+        if _routes_tasks(peft_type):
             lines += [f'with model.route("{first}"):  # task-aware: name the task', f"    {logits}"]
             if has_selector:
-                selector = "the DDAS selector" if peft_type == "MOECL" else "the task selector"
-                lines += [f"tasks = model.predict_tasks(batch)  # task-agnostic: {selector} picks (None: no task)"]
+                lines += [
+                    "tasks = model.predict_tasks(batch)  # task-agnostic: the task selector picks (None: no task)"
+                ]
         elif per_task:
             lines += [f'model.set_adapter("{first}")  # one adapter per task: serve "{first}"', logits]
         else:
@@ -351,7 +345,8 @@ def build_model_card(
     has_selector = bool(config.get("selector_tasks"))
 
     base = _card_base_model(config, base_model)
-    method_name, method_text = METHOD_NAMES.get(peft_type, (peft_type, f"PEFT method {peft_type}"))
+    info = method_of_peft_type(peft_type)
+    method_name, method_text = (info.display_name, info.summary) if info else (peft_type, f"PEFT method {peft_type}")
     tasks = list((metrics or {}).get("tasks") or config.get("task_names") or [str(f) for f in folders if per_task])
 
     adapter_params = sum(
@@ -466,7 +461,7 @@ def build_model_card(
         text.append(f"| stored head tensors (`{HEADS_WEIGHTS}`) | {head_params:,} |")
 
     text += ["", "## Install", "", *_install_text(peft_type), "", "## How to load", ""]
-    if peft_type in PEFT_EXT_TYPES:
+    if _needs_peft_ext(peft_type):
         text += ["**Import `peft_ext` before loading**: it registers its methods with PEFT.", ""]
     text += [
         "```python",
@@ -476,7 +471,7 @@ def build_model_card(
     ]
     if not base:
         text += ["`<base model>`: the model this run was trained on (its Hub id or a local copy of it).", ""]
-    if peft_type in PEFT_EXT_TYPES:
+    if _needs_peft_ext(peft_type):
         text += [
             f'Without `import peft_ext`, PEFT cannot map `"peft_type": "{peft_type}"` to a class and stops with '
             f"`KeyError: '{peft_type}'`. Install peft-ext, add `import peft_ext`, and load again.",
@@ -515,9 +510,7 @@ def write_run_card(run_dir: PathLike, metrics: dict[str, Any] | None = None, **c
         if folder != Path("."):
             (root / folder / CARD_NAME).unlink(missing_ok=True)
     target = root / CARD_NAME
-    tmp = target.with_name(target.name + ".tmp")  # a reader (or a run killed half-way) sees a whole card or none
-    tmp.write_text(str(card), encoding="utf-8", newline="")
-    os.replace(tmp, target)
+    atomic_write_text(target, str(card))  # a reader (or a run killed half-way) sees a whole card or none
     return target
 
 
@@ -706,8 +699,6 @@ def load_continual_run(
     heads_config = _resolve(source, HEADS_CONFIG, **hub_kwargs)
     if heads_config is None:
         return model, None
-    from .trainers import TaskHeadClassifier
-
     meta = json.loads(Path(heads_config).read_text(encoding="utf-8"))
     classifier = TaskHeadClassifier(model, meta["hidden_size"], meta.get("pooling", "mean"))
     weights = _resolve(source, HEADS_WEIGHTS, **hub_kwargs)
