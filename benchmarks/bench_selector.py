@@ -1,6 +1,7 @@
 """Task selectors side by side: which task an input belongs to, when nobody says.
 
     python benchmarks/bench_selector.py [--sequences in_domain,default] [--epochs 3]
+                                        [--selectors prototype/deep,prototype-lda/deep,...]
                                         [--output-dir outputs/bench_selector]
 
 For each sequence, MoE-CL (preset ``moecl-bert``) is trained once on all-MiniLM-L6-v2; then every selector variant
@@ -11,8 +12,12 @@ splits:
 * ``autoencoder/deep``     the same autoencoders on the frozen base model's mean-pooled last hidden state;
 * ``prototype/shallow``    class means (cosine) of the first routed layer's input;
 * ``prototype/deep``       class means of the base model's last hidden state (one extra base pass per forward);
+* ``prototype-lda/deep``   the same class statistics compared through a linear discriminant (a covariance pooled
+                           over the tasks, ``selector_scoring="lda"``), the out-of-distribution test unchanged;
 * ``max-confidence``       one LoRA adapter (and head) per task, the most confident adapter + head wins (one
                            forward per task: its cost is the number of tasks, by construction).
+
+``--selectors`` runs only the variants named (``max-confidence`` trains one more model per sequence).
 
 Columns: task identification (share of eval inputs routed to their own task), task-agnostic Last, task-aware Last
 (the same for every selector of a sequence), out-of-distribution inputs sent to the base model (the other
@@ -27,6 +32,7 @@ by topic only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -48,13 +54,22 @@ SELECTORS = {
     "autoencoder/deep": {"selector": "autoencoder", "selector_features": "deep"},
     "prototype/shallow": {"selector": "prototype", "selector_features": "shallow"},
     "prototype/deep": {"selector": "prototype", "selector_features": "deep"},
+    "prototype-lda/deep": {"selector": "prototype", "selector_features": "deep", "selector_scoring": "lda"},
 }
+MAX_CONFIDENCE = "max-confidence"
 
 
 def refit(schedule: ContinualSchedule, options: dict) -> None:
     """Replace the trained model's selector by a fresh one of ``options``, fitted task by task."""
     model = schedule._peft_model
     config = model.peft_config["default"]
+    # every field some variant sets starts from its default: a variant does not inherit the previous one's options
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    unknown = [k for k in options if k not in fields]
+    if unknown:  # setattr would pass silently and the row would measure the default selector
+        raise ValueError(f"{type(config).__name__} has no field {unknown}: this variant needs a newer peft_ext.")
+    varied = set().union(*SELECTORS.values()) & set(fields)
+    options = {k: fields[k].default for k in varied} | options
     for key, value in options.items():
         setattr(config, key, value)
     config.selector_tasks, config.selector_classes = [], []
@@ -109,8 +124,13 @@ def main(argv=None) -> None:
     parser.add_argument("--sequences", default="in_domain,default")
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--selectors", default=",".join([*SELECTORS, MAX_CONFIDENCE]), help="Variants to run.")
     parser.add_argument("--output-dir", default="outputs/bench_selector")
     args = parser.parse_args(argv)
+    chosen = args.selectors.split(",")
+    unknown = set(chosen) - {*SELECTORS, MAX_CONFIDENCE}
+    if unknown:
+        parser.error(f"unknown selectors {sorted(unknown)}; choose among {[*SELECTORS, MAX_CONFIDENCE]}")
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)
     out = Path(args.output_dir)
@@ -131,18 +151,22 @@ def main(argv=None) -> None:
 
         schedule, result = train("moecl", default_method_config("moecl", "bert"), "moecl")
         aware = result.scores["last"]
-        for variant, options in SELECTORS.items():
+        for variant in [v for v in SELECTORS if v in chosen]:
+            options = SELECTORS[variant]
             refit(schedule, options)
             last, ident = agnostic(schedule)
             row = dict(sequence=name, selector=variant, identification=ident, agnostic_last=last, aware_last=aware)
             row.update(ood_to_base=ood_to_base(schedule, others), cost=auto_cost(schedule))
             rows.append(row)
             print(row, flush=True)
+        if MAX_CONFIDENCE not in chosen:
+            (out / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+            continue
         _, lora = train("lora", {"adapter_per_task": True}, "lora-separate")
         rows.append(
             dict(
                 sequence=name,
-                selector="max-confidence",
+                selector=MAX_CONFIDENCE,
                 identification=lora.task_identification,
                 agnostic_last=lora.scores_task_agnostic["last"],
                 aware_last=lora.scores["last"],

@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .core import AUTO_TASK, BASE_MODEL_TASK, deep_features, pool_tokens, with_hidden_states
-from .prototypes import PrototypeSelector, fit_prototypes
+from .prototypes import SCORING, PrototypeSelector, fit_prototypes
 from .tasks import check_task_name, eval_mode
 
 
@@ -90,6 +90,23 @@ class SelectorConfigMixin:
         default=4,
         metadata={
             "help": "Prototypes per task when it is fitted without labels (k-means); with labels: one per class."
+        },
+    )
+    selector_scoring: str = field(
+        default="cosine",
+        metadata={
+            "help": "How the prototype selector's classes compete: 'cosine' (nearest class mean) or 'lda' (a linear "
+            "discriminant whitened by a covariance pooled over the fitted tasks, peft_ext.routing.prototypes). "
+            "Either way an input goes to the base model when its cosine similarity to the chosen task's prototypes "
+            "is below that task's threshold.",
+            "choices": list(SCORING),
+        },
+    )
+    selector_shrinkage: float = field(
+        default=0.6,
+        metadata={
+            "help": "selector_scoring='lda': weight of the average variance in the pooled covariance, in (0, 1] "
+            "(tasks have fewer samples than features)."
         },
     )
     selector_hidden: int = field(default=100, metadata={"help": "Code size h of each task's autoencoder (paper: 100)."})
@@ -136,6 +153,10 @@ class SelectorConfigMixin:
             raise ValueError(f"selector_features must be one of {SELECTOR_FEATURES}, got {self.selector_features!r}.")
         if not isinstance(self.selector_prototypes, int) or self.selector_prototypes <= 0:
             raise ValueError(f"selector_prototypes must be a positive integer, got {self.selector_prototypes!r}.")
+        if self.selector_scoring not in SCORING:
+            raise ValueError(f"selector_scoring must be one of {SCORING}, got {self.selector_scoring!r}.")
+        if not 0.0 < self.selector_shrinkage <= 1.0:
+            raise ValueError(f"selector_shrinkage must be in (0, 1], got {self.selector_shrinkage!r}.")
         self.selector_classes = list(self.selector_classes)
         if self.selector_tasks and not self.selector_classes and self.selector == "prototype":
             # fitted tasks without prototype counts: a checkpoint written before the prototype selector existed
@@ -407,7 +428,8 @@ class TaskSelectorMixin:
     def _new_selector(self, config, feature_dim: int, rebuild: bool = False) -> nn.Module:
         """An empty selector of the config's kind, or (``rebuild``) one shaped like the config's fitted tasks."""
         if config.selector == "prototype":
-            module = PrototypeSelector(feature_dim, config.selector_classes if rebuild else None)
+            sizes = config.selector_classes if rebuild else None
+            module = PrototypeSelector(feature_dim, sizes, config.selector_scoring, config.selector_shrinkage)
         else:
             tasks = len(config.selector_tasks) if rebuild else 0
             module = TaskSelector(feature_dim, config.selector_hidden, tasks, rebuild and config.selector_reference)
