@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
@@ -38,28 +39,60 @@ from torch import nn
 DISPATCH_MODES = ("gather", "dense", "loop")
 
 
+_VERSION = attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+
+
 class ParameterCache:
     """Values derived from parameters (stacks, products), rebuilt only when one of those parameters changes.
 
-    An entry is stored under a slot and is valid while every parameter it was built from has the same storage
-    pointer and version counter (bumped by every in-place change: optimizer steps, ``load_state_dict``, ``copy_``;
-    ``.to()`` and ``p.data = ...`` change the pointer) and the inference-mode flag is the same (a tensor made in
-    inference mode cannot enter an autograd graph). ``build`` runs under ``torch.no_grad()``: entries are constants.
-    At most ``max_entries`` slots are kept (least recently used dropped first); None: no limit.
+    An entry is stored under a slot and is valid while
 
-    Shared by :class:`ExpertPool` (its inference stack) and AnA (its stacked task paths).
+    * every *live* parameter it was built from (``params``: the trainable ones) has the same storage pointer
+      (``.to()`` and ``p.data = ...`` change it) and the sum of their version counters is the same (a counter is
+      bumped by every in-place change: optimizer steps, ``load_state_dict``, ``copy_``; counters only grow, so the
+      sum moves with any of them);
+    * the sum of the version counters of its *frozen* parameters (``frozen``) is the same: it moves with any
+      in-place change of any of them (a hand edit, a load), and it is one C-level pass (``sum(map(...))``) instead
+      of a Python-level check per parameter -- the per-forward cost that grew with the task count. Their storage is
+      trusted: it only moves in ``.to()`` / loading, which call :meth:`clear`;
+    * the inference-mode flag is the same (a tensor made in inference mode cannot enter an autograd graph).
+
+    ``build`` runs under ``torch.no_grad()``: entries are constants. At most ``max_entries`` value slots are kept
+    (least recently used dropped first); None: no limit. :meth:`groups` keeps the parameter lists themselves (walking
+    100 tasks' modules per forward costs as much as checking them), until :meth:`clear`.
+
+    The invalidation rule, in one place: an owner clears its cache whenever the *set* of parameters or their storage
+    can change -- adding, ending or removing a task, loading a state dict, ``.to()``/``_apply``
+    (:class:`ParameterCacheMixin` does the last two). Value changes are seen by the version counters.
+    Shared by :class:`ExpertPool` (its inference stack), AnA (its stacked task paths) and MoE-CL (stacked routers).
     """
 
     def __init__(self, max_entries: Optional[int] = None) -> None:
         self.max_entries = max_entries
         self.entries: OrderedDict[Hashable, tuple[tuple, Any]] = OrderedDict()
+        self.param_groups: dict[Hashable, Any] = {}
 
     @staticmethod
-    def key(params: Sequence[torch.Tensor]) -> tuple:
-        return (torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
+    def key(params: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor] = ()) -> tuple:
+        # C-level passes (map/sum) rather than a Python loop: this runs per layer and forward
+        return (
+            torch.is_inference_mode_enabled(),
+            sum(map(_VERSION, frozen)),
+            sum(map(_VERSION, params)),
+            *map(_DATA_PTR, params),
+        )
 
-    def get(self, slot: Hashable, params: Sequence[torch.Tensor], build: Callable[[], Any]) -> Any:
-        key = self.key(params)
+    def get(
+        self,
+        slot: Hashable,
+        params: Sequence[torch.Tensor],
+        build: Callable[[], Any],
+        frozen: Sequence[torch.Tensor] = (),
+    ) -> Any:
+        """The value of ``slot``, rebuilt by ``build()`` if ``params`` (checked one by one) or ``frozen`` (checked
+        through their version sum) changed since it was built."""
+        key = self.key(params, frozen)
         entry = self.entries.get(slot)
         if entry is not None and entry[0] == key:
             self.entries.move_to_end(slot)
@@ -73,11 +106,42 @@ class ParameterCache:
                 self.entries.popitem(last=False)
         return value
 
+    def groups(self, slot: Hashable, collect: Callable[[], Any]) -> Any:
+        """``collect()`` (lists of parameters), computed once per slot until :meth:`clear`."""
+        value = self.param_groups.get(slot)
+        if value is None:
+            value = self.param_groups[slot] = collect()
+        return value
+
     def clear(self) -> None:
         self.entries.clear()
+        self.param_groups.clear()
 
 
-class ExpertPool(nn.Module):
+class ParameterCacheMixin:
+    """``nn.Module`` mixin (list it before ``nn.Module``) owning a :class:`ParameterCache`, kept in ``__dict__``:
+    never a buffer, never in the state dict. Clears it on ``_apply`` (``.to()``, ``.half()``, ...) and on
+    ``load_state_dict`` (``assign=True`` replaces the parameter objects); owners clear it on their structural
+    changes (tasks added, ended, removed)."""
+
+    param_cache_entries: Optional[int] = None
+
+    def param_cache(self) -> ParameterCache:
+        cache = self.__dict__.get("_param_cache")
+        if cache is None:  # first use, or a module unpickled from before the cache existed
+            cache = self.__dict__["_param_cache"] = ParameterCache(self.param_cache_entries)
+        return cache
+
+    def _apply(self, fn, recurse=True):
+        self.param_cache().clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.param_cache().clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class ExpertPool(ParameterCacheMixin, nn.Module):
     """``num_experts`` bottleneck adapters ``Linear(d_in, r) + bias -> ReLU -> dropout -> Linear(r, d_out) + bias``.
 
     Args:
@@ -120,7 +184,6 @@ class ExpertPool(nn.Module):
         self.up_bias = nn.ParameterList([nn.Parameter(torch.zeros(out_features)) for _ in range(num_experts)])
         self.register_buffer("frozen_at", torch.full((num_experts,), -1, dtype=torch.long))
         self.reset_parameters(init_up_zero)
-        self.__dict__["_cache"] = ParameterCache()
 
     @torch.no_grad()
     def reset_parameters(self, init_up_zero: bool = True) -> None:
@@ -183,7 +246,6 @@ class ExpertPool(nn.Module):
                     f"{self.num_experts}; load with a config whose num_experts matches the checkpoint."
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
-        self._param_cache().clear()
 
     # -- stacked weights ----------------------------------------------------------------------------------------
     def _all_params(self) -> list[nn.Parameter]:
@@ -209,7 +271,7 @@ class ExpertPool(nn.Module):
         the whole pool, rebuilt only when a parameter's storage or version changes (optimizer steps, loading,
         ``.to()``).
         """
-        cache = self._param_cache()
+        cache = self.param_cache()
         if torch.is_grad_enabled():
             cache.clear()
             return self._stack(experts)
@@ -218,12 +280,6 @@ class ExpertPool(nn.Module):
             return pool
         rows = torch.tensor(experts, device=pool[0].device)
         return tuple(t.index_select(0, rows) for t in pool)
-
-    def _param_cache(self) -> ParameterCache:
-        cache = self.__dict__.get("_cache")
-        if cache is None:  # a module unpickled from before the cache existed
-            cache = self.__dict__["_cache"] = ParameterCache()
-        return cache
 
     def _stack(
         self, experts: Optional[list[int]] = None
@@ -240,10 +296,6 @@ class ExpertPool(nn.Module):
                 params = [params[e] for e in experts]
             out.append(torch.stack([p.t() for p in params] if transpose else params))
         return tuple(out)
-
-    def _apply(self, fn, recurse=True):
-        self._param_cache().clear()
-        return super()._apply(fn, recurse)
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from operator import attrgetter
 from typing import Any, Optional
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...routing.core import WHOLE_MODEL_SCOPE
-from ...routing.experts import ParameterCache
+from ...routing.experts import ParameterCacheMixin
 from ...routing.gating import GateOutput, noisy_top_k_gating
 from .config import AnAConfig
 
@@ -34,6 +35,7 @@ from .config import AnAConfig
 SPARSE_BLOCK_ROWS = 16
 # Tasks whose stacked paths a layer keeps cached (mixed batches use several tasks); least recently used dropped.
 STACK_CACHE_TASKS = 4
+_REQUIRES_GRAD = attrgetter("requires_grad")
 
 
 def ana_task_parameter_count(
@@ -129,8 +131,6 @@ class AnALayer(BaseTunerLayer):
         self.ana_num_frozen: dict[str, int] = {}
         self.routing = None  # the tuner's RoutingState (plain reference, set by AnAModel)
         self.routing_scope = WHOLE_MODEL_SCOPE  # the routed scope (tower) the layer is in, set by AnAModel
-        # stacked task paths, rebuilt when a parameter they come from changes (see _task_paths)
-        self.__dict__["_ana_cache"] = ParameterCache(max_entries=2 * STACK_CACHE_TASKS)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -173,6 +173,7 @@ class AnALayer(BaseTunerLayer):
         last_ended = bool(config.task_names) and config.task_names[-1] in config.ended_tasks
         self.ana_num_frozen[adapter_name] = num_tasks if last_ended else num_tasks - 1
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.param_cache().clear()  # an adapter of the same name may have been deleted: its lists are stale
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     @staticmethod
@@ -220,6 +221,7 @@ class AnALayer(BaseTunerLayer):
             task.to(device=reference.device, dtype=reference.dtype)
         tasks.append(task)
         self.ana_num_frozen[adapter_name] = len(tasks) - 1
+        self.param_cache().clear()  # the frozen / live split of the cached paths moved
         trainable = adapter_name in self.active_adapters and not self.disable_adapters
         task.requires_grad_(trainable)
         self._freeze_non_trainable_peft_weights([adapter_name])
@@ -227,6 +229,7 @@ class AnALayer(BaseTunerLayer):
     def end_task(self, adapter_name: str) -> None:
         """Freeze the last task too (no task of this adapter is trainable afterwards)."""
         self.ana_num_frozen[adapter_name] = len(self.ana_tasks[adapter_name])
+        self.param_cache().clear()  # the frozen / live split of the cached paths moved
         self._freeze_non_trainable_peft_weights([adapter_name])
 
     def remove_last_task(self, adapter_name: str) -> None:
@@ -236,6 +239,7 @@ class AnALayer(BaseTunerLayer):
         del tasks[len(tasks) - 1]
         # the task that becomes last had been frozen when the removed one was added: it stays frozen
         self.ana_num_frozen[adapter_name] = len(tasks)
+        self.param_cache().clear()
 
     def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
         """Keep finished tasks frozen whatever PEFT's set_adapter / set_requires_grad just enabled."""
@@ -299,41 +303,55 @@ class AnALayer(BaseTunerLayer):
         """Task ``t``'s ``E = t + 1`` paths as stacked tensors ``(W (E*r, d_in), b (E*r,), U (E, r + 1, d_out))``:
         path ``e`` is ``x -> [g_e * (W_e x + b_e), g_e] @ U_e`` for gate ``g_e``.
 
-        Built from the per-task parameters at forward time. Without gradients (or with every parameter frozen) the
-        result is cached and rebuilt only when one of its parameters changes (storage pointer or version, see
-        :class:`~peft_ext.routing.experts.ParameterCache`). While training, the leading frozen tasks' stack is
-        cached and the trainable tensors (the last task's adapter, its in-adapters) are stacked afresh each forward,
-        so they get their gradients and the frozen ones none.
+        Built from the per-task parameters, cached in the layer's
+        :class:`~peft_ext.routing.experts.ParameterCache`. The first ``ana_num_frozen`` tasks are frozen by the
+        schedule: their tensors are checked through one version sum; the open task's (its adapter, its
+        in-adapters) by pointer and version sum. Without gradients, or with nothing live requiring one (a frozen
+        task), the whole result is cached. While the
+        open task trains, only the frozen tasks' stack is cached; the open task's tensors are stacked and composed
+        afresh each forward, so they get their gradients (and never come from a stale copy) and the frozen ones
+        none.
         """
-        # plain dict look-ups instead of nn.Module attribute access: this runs per layer and forward, for every path
-        experts = list(self.ana_tasks[adapter_name]._modules.values())[: task_index + 1]
-        expert_params = []
-        for e in experts:
-            down, up = e._modules["down"]._parameters, e._modules["up"]._parameters
-            expert_params.append([down["weight"], down["bias"], up["weight"], up["bias"], e._parameters["scale"]])
-        in_adapters = experts[-1]._modules["in_adapters"]
-        in_params = []
-        for f in in_adapters._modules.values():
-            in_params += (f._parameters["weight"], f._parameters["bias"])
-        cache = self.__dict__["_ana_cache"]
-        params = [p for ps in expert_params for p in ps] + in_params
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
+        num_frozen = min(self.ana_num_frozen.get(adapter_name, 0), task_index + 1)
+        cache = self.param_cache()
+        # the parameter lists, collected once per task structure (len and num_frozen move with add/end/remove task)
+        structure = (adapter_name, task_index, len(self.ana_tasks[adapter_name]), num_frozen)
+        experts, frozen, live, in_adapters = cache.groups(
+            structure, lambda: self._path_params(adapter_name, task_index, num_frozen)
+        )
+        # (live is empty for a frozen task; nothing live trains e.g. while another adapter is active)
+        if not torch.is_grad_enabled() or not any(map(_REQUIRES_GRAD, live)):
             return cache.get(
-                (adapter_name, task_index), params, lambda: self._compose_paths(self._stack_paths(experts), in_adapters)
+                structure,
+                live,
+                lambda: self._compose_paths(self._stack_paths(experts), in_adapters),
+                frozen=frozen,
             )
-        frozen = 0
-        while frozen < len(experts) and not any(p.requires_grad for p in expert_params[frozen]):
-            frozen += 1
         parts = []
-        if frozen:
-            params = [p for ps in expert_params[:frozen] for p in ps]
+        if num_frozen:
             parts.append(
-                cache.get((adapter_name, "frozen", frozen), params, lambda: self._stack_paths(experts[:frozen]))
+                cache.get((*structure, "frozen"), (), lambda: self._stack_paths(experts[:num_frozen]), frozen=frozen)
             )
-        if frozen < len(experts):
-            parts.append(self._stack_paths(experts[frozen:]))
+        parts.append(self._stack_paths(experts[num_frozen:]))
         stack = parts[0] if len(parts) == 1 else tuple(torch.cat(pair) for pair in zip(*parts))
         return self._compose_paths(stack, in_adapters)
+
+    def _path_params(
+        self, adapter_name: str, task_index: int, num_frozen: int
+    ) -> tuple[list[AnATask], list[nn.Parameter], list[nn.Parameter], nn.ModuleList]:
+        """``(tasks 0..t, frozen tensors, live tensors, task t's in-adapters)`` behind task ``t``'s paths: the own
+        projections of tasks ``< num_frozen`` are frozen, those of later tasks and ``t``'s in-adapters are frozen
+        only when ``t`` itself is."""
+        experts = list(self.ana_tasks[adapter_name])[: task_index + 1]
+        frozen, live = [], []
+        for e, task in enumerate(experts):
+            (frozen if e < num_frozen else live).extend(
+                [task.down.weight, task.down.bias, task.up.weight, task.up.bias, task.scale]
+            )
+        in_adapters = experts[-1].in_adapters
+        in_params = [p for f in in_adapters for p in (f.weight, f.bias)]
+        (frozen if task_index < num_frozen else live).extend(in_params)
+        return experts, frozen, live, in_adapters
 
     def task_output(self, adapter_name: str, task_index: int, x: torch.Tensor) -> torch.Tensor:
         """Adapter output of task ``t`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)`` (dtype of the adapter).
@@ -487,8 +505,14 @@ class AnALayer(BaseTunerLayer):
         return delta_w, delta_b
 
 
-class AnALinear(nn.Module, AnALayer):
-    """AnA on a ``torch.nn.Linear`` (or transformers ``Conv1D``) base layer."""
+class AnALinear(ParameterCacheMixin, nn.Module, AnALayer):
+    """AnA on a ``torch.nn.Linear`` (or transformers ``Conv1D``) base layer.
+
+    Its stacked task paths live in the mixin's :class:`~peft_ext.routing.experts.ParameterCache` (see
+    :meth:`AnALayer._task_paths`): cleared on ``.to()``, loading and every task added, ended or removed.
+    """
+
+    param_cache_entries = 2 * STACK_CACHE_TASKS  # a task's full paths and, while it trains, its frozen part
 
     def __init__(
         self,
@@ -569,10 +593,6 @@ class AnALinear(nn.Module, AnALayer):
             if out is not None:
                 result = result + out.to(previous_dtype)
         return result
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__["_ana_cache"].clear()
-        return super()._apply(fn, recurse)
 
     def __repr__(self) -> str:
         return "ana." + super().__repr__()

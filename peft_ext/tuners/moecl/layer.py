@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...routing.core import WHOLE_MODEL_SCOPE, RoutingState, pool_tokens
-from ...routing.experts import ExpertPool
+from ...routing.experts import ExpertPool, ParameterCacheMixin
 from ...routing.gating import GateOutput, load_balancing_loss, noisy_top_k_gating
 from ..regularization import RegularizedLayerMixin
 
@@ -61,11 +61,14 @@ def resolve_attach_mode(module: nn.Module, attach_mode: str) -> str:
     return "residual" if "input_tensor" in params else "parallel"
 
 
-class TaskRouters(nn.Module):
+class TaskRouters(ParameterCacheMixin, nn.Module):
     """Per-task routers of one adapter in one layer, plus the activation counts behind activate-freeze.
 
     Parameters: ``w_gate[t]``, ``w_noise[t]`` ``(d, E)`` for task ``t`` (zero init, as in the paper).
     Buffer: ``counts`` ``(T, E)`` long -- how many training samples of task ``t`` selected expert ``e``.
+
+    Every router but the last belongs to a finished task and is frozen (only the last task's router trains): their
+    stack is cached (:meth:`stacked`), cleared on ``.to()``, loading and :meth:`add_task`.
     """
 
     def __init__(self, in_features: int, num_experts: int, num_tasks: int, random_init: bool = False) -> None:
@@ -90,10 +93,33 @@ class TaskRouters(nn.Module):
         self.w_gate.append(nn.Parameter(gate))
         self.w_noise.append(nn.Parameter(torch.zeros_like(gate)))
         self.counts = torch.cat([ref, ref.new_zeros(1, self.num_experts)], dim=0)
+        self.param_cache().clear()  # the last router, the only live one, is a new one
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W_gate (T, d, E), W_noise (T, d, E))``."""
-        return torch.stack(list(self.w_gate)), torch.stack(list(self.w_noise))
+        """``(W_gate (T, d, E), W_noise (T, d, E))``.
+
+        Without gradients a cached stack of all routers; with them, the cached stack of the frozen routers
+        ``0..T-2`` and the last router appended afresh (so that it gets its gradient). The frozen routers are
+        checked through their version sum, the last one by pointer and version
+        (:class:`~peft_ext.routing.experts.ParameterCache`): no per-router Python work per forward.
+        """
+        cache = self.param_cache()
+        frozen, live = cache.groups("params", self._router_params)
+        if not torch.is_grad_enabled():
+            return cache.get("all", live, lambda: self._stack(len(self)), frozen=frozen)
+        if len(self) == 1:
+            return self._stack(1)
+        w_gate, w_noise = cache.get("frozen", (), lambda: self._stack(len(self) - 1), frozen=frozen)
+        return torch.cat([w_gate, self.w_gate[-1].unsqueeze(0)]), torch.cat([w_noise, self.w_noise[-1].unsqueeze(0)])
+
+    def _stack(self, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``num`` routers stacked: ``(W_gate (num, d, E), W_noise (num, d, E))``."""
+        return torch.stack(list(self.w_gate)[:num]), torch.stack(list(self.w_noise)[:num])
+
+    def _router_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``(frozen, live)``: the routers of the finished tasks ``0..T-2``, and the last one's two tensors."""
+        gates, noises = list(self.w_gate), list(self.w_noise)
+        return gates[:-1] + noises[:-1], gates[-1:] + noises[-1:]
 
 
 class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
