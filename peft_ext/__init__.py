@@ -3,6 +3,8 @@
 Importing this package registers its methods with PEFT (``PeftType.RESORA``, ``PeftType.ANA``,
 ``PeftType.MOECL``), after which ``get_peft_model``, ``PeftModel.from_pretrained`` and friends work with
 :class:`ReSoRAConfig`, :class:`AnAConfig` and :class:`MoECLConfig` exactly as with PEFT's built-in methods.
+Each registration also describes the method (:data:`METHODS`), which the training side, the command line, the Hub
+card and the preset catalogue read; :func:`register_method` adds a method of your own the same way.
 """
 
 __version__ = "0.1.0.dev0"

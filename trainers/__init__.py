@@ -2,7 +2,8 @@
 
 * :class:`RegularizedTrainer` -- ``transformers.Trainer`` that adds ``model.get_regularization_loss()``.
 * :class:`ContinualSchedule` -- trains a method on a stream of tasks and records the accuracy matrix.
-* :mod:`.strategies` -- how each method (lora, resora, ana, moecl) follows the stream, in a registry.
+* :mod:`.strategies` -- how each method follows the stream, derived from its ``peft_ext.registry.METHODS`` entry.
+* :mod:`.hub` -- a run's model card, its safetensors-only upload to the Hub, and loading it back.
 * :mod:`.task_stream` -- tasks from ``datasets.Dataset`` objects, ``TASKS.json`` files or the embedded default.
 * :mod:`.metrics` -- Avg, Last, BWT, Forgetting, Transfer as a local ``evaluate`` module.
 """
