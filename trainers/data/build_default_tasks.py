@@ -35,17 +35,35 @@ MIN_CHARS, MAX_CHARS = 20, 200
 SEED = 0
 
 
-def read_fortunes(path: Path) -> list[str]:
+def read_entries(path: Path) -> list[str]:
+    """The raw entries of a fortune file (split at its ``%`` lines), overstriking removed."""
     raw = path.read_bytes().decode("utf-8", errors="replace")
     raw = re.sub(r".\x08", "", raw)  # overstriking (x BACKSPACE x) in old BSD files
-    out = []
-    for entry in re.split(r"^%\s*$", raw, flags=re.M):
-        text = " ".join(entry.split())
-        letters = sum(c.isalpha() for c in text)
-        # Drop ASCII art and tables: real sentences are mostly letters.
-        if MIN_CHARS <= len(text) <= MAX_CHARS and letters >= 0.6 * len(text):
-            out.append(text)
-    return sorted(set(out))
+    return re.split(r"^%\s*$", raw, flags=re.M)
+
+
+def is_prose(text: str) -> bool:
+    """Within the length bounds and mostly letters: drops ASCII art and tables."""
+    letters = sum(c.isalpha() for c in text)
+    return MIN_CHARS <= len(text) <= MAX_CHARS and letters >= 0.6 * len(text)
+
+
+def normalized(text: str) -> str:
+    """Letters only, lower case: the key under which two copies of a quotation are one."""
+    return re.sub(r"[^a-z]", "", text.lower())
+
+
+def write_splits(folder: Path, task: str, train: list[dict], evaluation: list[dict]) -> None:
+    """``folder/<task>.train.jsonl`` and ``folder/<task>.eval.jsonl``, one JSON row per line."""
+    for split, rows in (("train", train), ("eval", evaluation)):
+        with open(folder / f"{task}.{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_fortunes(path: Path) -> list[str]:
+    texts = (" ".join(entry.split()) for entry in read_entries(path))
+    return sorted({text for text in texts if is_prose(text)})
 
 
 def main() -> None:
@@ -62,10 +80,7 @@ def main() -> None:
             train += [{"text": t, "label": label} for t in texts[n_eval : n_eval + n_train]]
         rng.shuffle(train)
         rng.shuffle(evaluation)
-        for split, rows in (("train", train), ("eval", evaluation)):
-            with open(HERE / f"{task}.{split}.jsonl", "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_splits(HERE, task, train, evaluation)
         index.append({"name": task, "train": f"{task}.train.jsonl", "eval": f"{task}.eval.jsonl"})
         print(task, len(train), len(evaluation))
     (HERE / "tasks.json").write_text(json.dumps(index, indent=2) + "\n")

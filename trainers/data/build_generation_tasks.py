@@ -35,10 +35,9 @@ import random
 import re
 from pathlib import Path
 
-from build_default_tasks import MAX_CHARS, MIN_CHARS, SEED
+from build_default_tasks import FORTUNES, SEED, is_prose, normalized, read_entries, write_splits
 
 
-FORTUNES = Path("/usr/share/games/fortunes")
 OUT = Path(__file__).resolve().parent / "generation"
 
 PROMPT = "Quotation: {text}\n{cue}:"
@@ -68,15 +67,12 @@ ARTICLES = {"a", "an", "the"}
 
 def read_quotations(path: Path) -> list[str]:
     """A fortune file's quotations (attribution dropped), cleaned as build_default_tasks.read_fortunes does."""
-    raw = path.read_bytes().decode("utf-8", errors="replace")
-    raw = re.sub(r".\x08", "", raw)  # overstriking (x BACKSPACE x) in old BSD files
     out = []
-    for entry in re.split(r"^%\s*$", raw, flags=re.M):
+    for entry in read_entries(path):
         lines = entry.strip("\n").split("\n")
         end = next((i for i, line in enumerate(lines) if ATTRIBUTION.match(line)), len(lines))
         text = " ".join(" ".join(lines[:end]).split())
-        letters = sum(c.isalpha() for c in text)
-        if MIN_CHARS <= len(text) <= MAX_CHARS and letters >= 0.6 * len(text):
+        if is_prose(text):
             out.append(text)
     return out
 
@@ -91,10 +87,6 @@ def last_word(text: str) -> str | None:
         return None
     word = match.group(1)
     return None if word.lower() in ARTICLES else word
-
-
-def normalized(text: str) -> str:
-    return re.sub(r"[^a-z]", "", text.lower())
 
 
 def main() -> None:
@@ -132,10 +124,7 @@ def main() -> None:
         rng = random.Random(f"{SEED}:{task}")
         rng.shuffle(train)
         rng.shuffle(evaluation)
-        for split, rows in (("train", train), ("eval", evaluation)):
-            with open(OUT / f"{task}.{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_splits(OUT, task, train, evaluation)
         index.append(
             {
                 "name": task,

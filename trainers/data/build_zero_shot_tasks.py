@@ -22,13 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 
-from build_default_tasks import EVAL_PER_LABEL, SEED, TRAIN_PER_LABEL, read_fortunes
+from build_default_tasks import (
+    EVAL_PER_LABEL,
+    FORTUNES,
+    SEED,
+    TRAIN_PER_LABEL,
+    normalized,
+    read_fortunes,
+    write_splits,
+)
 
 
-FORTUNES = Path("/usr/share/games/fortunes")
 OUT = Path(__file__).resolve().parent / "zero_shot"
 
 # task -> labels; a label is the name of its fortune file (relative to FORTUNES)
@@ -47,10 +53,6 @@ LABEL_PROMPTS = {
     "linux": "Linux",
     "perl": "Perl",
 }
-
-
-def normalized(text: str) -> str:
-    return re.sub(r"[^a-z]", "", text.lower())
 
 
 def main() -> None:
@@ -81,10 +83,7 @@ def main() -> None:
         rng = random.Random(f"{SEED}:{task}")
         rng.shuffle(train)
         rng.shuffle(evaluation)
-        for split, rows in (("train", train), ("eval", evaluation)):
-            with open(OUT / f"{task}.{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_splits(OUT, task, train, evaluation)
         index.append(
             {
                 "name": task,
