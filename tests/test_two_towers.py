@@ -162,3 +162,24 @@ def test_a_tower_adapted_alone_is_its_own_scope():
         for n in (4, 2):
             model.get_image_features(pixel_values=images(0, n, seed=n))
             assert model.routed_tasks() == ["t0"] * n
+
+
+def test_a_following_layer_between_towers_takes_the_scope_before_it():
+    from torch import nn
+
+    from peft_ext.routing.core import assign_scopes
+
+    # BLIP-2's layout: qformer, then language_projection (outside every tower), then language_model
+    model = nn.Module()
+    model.qformer, model.language_projection, model.language_model = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    towers = [("qformer.q", False), ("language_projection", True), ("language_model.q", False)]
+    assert assign_scopes(model, towers) == (
+        ["qformer", "language_model"],
+        ["qformer", "qformer", "language_model"],
+    )
+    # the same layer deciding on its own makes the model one scope
+    deciding = [(name, False) for name, _ in towers]
+    assert assign_scopes(model, deciding) == ([""], ["", "", ""])
+    # every layer following: the scopes come from all of them
+    assert assign_scopes(model, [("language_projection", True)]) == ([""], [""])
+    assert assign_scopes(model, [("qformer.q", True)]) == (["qformer"], ["qformer"])

@@ -184,6 +184,30 @@ def scope_of(module_name: str, scopes: Sequence[str]) -> str:
     return head if head in scopes else WHOLE_MODEL_SCOPE
 
 
+def assign_scopes(model: nn.Module, layers: Sequence[tuple[str, bool]]) -> tuple[list[str], list[str]]:
+    """The routed scopes of ``model`` and the scope of each routed layer.
+
+    ``layers``: ``(module name, follows)`` of every routed layer in module order; ``follows`` is True for a layer
+    that lies between towers and maps the output of the tower before it for the same samples (BLIP-2's
+    ``language_projection`` between ``qformer`` and ``language_model``). Such a layer takes the scope of the routed
+    layer before it instead of making the whole model one scope: a whole-model scope starts at the model's forward,
+    which e.g. ``Blip2ForConditionalGeneration.generate`` never calls, so its decisions would outlive their forward.
+    The scopes are found (:func:`find_scopes`) from the other layers, or from all of them when every layer
+    follows. Returns ``(scopes, scope per layer)``.
+    """
+    names = [name for name, _ in layers]
+    deciding = [name for name, follows in layers if not follows] or names
+    scopes = find_scopes(model, deciding)
+    assigned, previous = [], scopes[0]
+    for name in names:
+        scope = scope_of(name, scopes)
+        if scope not in scopes:  # a following layer outside every tower (the others all lie in one by construction)
+            scope = previous
+        assigned.append(scope)
+        previous = scope
+    return scopes, assigned
+
+
 class RoutingState:
     """Requests and per-forward decisions, shared (by reference) by a tuner and all of its layers.
 

@@ -35,8 +35,9 @@ shapes are rebuilt from the config (``selector_feature_dim``, ``selector_hidden`
 ``selector_reference``), which ``fit_*`` keep up to date.
 
 Layer contract (for any tuner using :class:`TaskSelectorMixin`): its layers take their decision from
-``routing.decide(adapter, layer.routing_scope, x)`` and have ``routing_input(args, kwargs)``, the tensor that
-decision is made on (what feature capture reads).
+``routing.decide(adapter, layer.routing_scope, x)``, have ``routing_input(args, kwargs)``, the tensor that
+decision is made on (what feature capture reads), and ``follows_previous_scope`` (see
+:func:`~peft_ext.routing.core.assign_scopes`).
 """
 
 from __future__ import annotations

@@ -41,9 +41,8 @@ from .core import (
     RoutingHooks,
     RoutingState,
     TaskIds,
-    find_scopes,
+    assign_scopes,
     forward_inputs,
-    scope_of,
 )
 
 
@@ -270,13 +269,14 @@ class ContinualTunerMixin:
         return remapped
 
     def _install_routing_hook(self) -> None:
-        """Find the routed scopes (:func:`~.core.find_scopes`), tell every routed layer its scope, and (re)install
-        the routing hooks. Called after every injection: a new adapter may route more towers."""
+        """Find the routed scopes (:func:`~.core.assign_scopes`, from each layer's ``follows_previous_scope``),
+        tell every routed layer its scope, and (re)install the routing hooks. Called after every injection: a new
+        adapter may route more towers."""
         self._remove_routing_hook()
         layers = [(key, m) for key, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
-        self.routing.scopes = find_scopes(self.model, [key for key, _ in layers])
-        for key, layer in layers:
-            layer.routing_scope = scope_of(key, self.routing.scopes)
+        self.routing.scopes, assigned = assign_scopes(self.model, [(k, m.follows_previous_scope) for k, m in layers])
+        for (_, layer), scope in zip(layers, assigned):
+            layer.routing_scope = scope
         self._routing_hook_handle = RoutingHooks(self.routing).install(self.model)
 
     def _remove_routing_hook(self) -> None:

@@ -98,7 +98,8 @@ class AnAConfig(SelectorConfigMixin, ContinualConfigMixin, PeftConfig):
             ``None`` (default): no summed layer (adapters saved before this option existed load unchanged). PathWeave
             puts such adapters on BLIP-2's ``language_projection`` (``BLIP2_PROJECTION_MODULES``). A summed layer
             outside every routed tower (BLIP-2's projection sits between the Q-Former and the LLM) follows the
-            routing of the tower before it in module order (the Q-Former's), see :meth:`AnAModel._install_routing_hook`.
+            routing of the tower before it in module order (the Q-Former's), see
+            :func:`peft_ext.routing.core.assign_scopes`.
         fan_in_fan_out (`bool`):
             True when the target stores its weight as ``(fan_in, fan_out)`` like GPT-2's ``Conv1D`` (set
             automatically).

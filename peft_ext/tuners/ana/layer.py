@@ -211,6 +211,12 @@ class AnALayer(BaseTunerLayer):
         """True when every adapter of this layer is a summed one (``summed_target_modules``)."""
         return bool(self.ana_settings) and all(s.get("summed", False) for s in self.ana_settings.values())
 
+    @property
+    def follows_previous_scope(self) -> bool:
+        """A summed-only layer outside every tower (PathWeave's LLM projection) reads the decision of the tower
+        before it, see :func:`~peft_ext.routing.core.assign_scopes`."""
+        return self.summed_only
+
     def add_task(self, adapter_name: str, task_name: str) -> None:
         """Append a task: its adapter, one in-adapter per earlier task and its gate (a summed layer: the adapter
         only); freeze all earlier tasks."""

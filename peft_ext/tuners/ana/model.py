@@ -13,7 +13,6 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from ...routing.core import WHOLE_MODEL_SCOPE, RoutingHooks, find_scopes, scope_of
 from ...routing.selector import TaskSelectorMixin
 from ...routing.tasks import ContinualTunerMixin, EndTaskReport, check_task_name
 from ..checkpoint import CheckedCheckpointMixin, remove_nested_adapter_name
@@ -163,34 +162,6 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
         return AnALinear(target, adapter_name, config=config, fan_in_fan_out=fan_in_fan_out, summed=summed)
 
     # -- routing ----------------------------------------------------------------------------------------------------
-    def _install_routing_hook(self) -> None:
-        """The shared scopes (:func:`~peft_ext.routing.core.find_scopes`), except that summed layers lying outside
-        every tower do not turn the model into one scope: such a layer follows the scope of the routed layer
-        before it in module order.
-
-        Why: BLIP-2's ``language_projection`` sits between the ``qformer`` and ``language_model`` towers. Counted
-        as a layer of its own it would make the whole model one scope, whose start hook is the model's forward --
-        which ``Blip2ForConditionalGeneration.generate`` never calls, so decisions would outlive their forward. It
-        maps the Q-Former's output for the same samples, so it reads the Q-Former's decision (made by the
-        Q-Former's first routed layer, dropped when the Q-Former's next forward starts)."""
-        super()._install_routing_hook()
-        layers = [(key, m) for key, m in self.model.named_modules() if isinstance(m, AnALayer)]
-        gated = [key for key, m in layers if not m.summed_only]
-        if not gated:
-            return
-        scopes = find_scopes(self.model, gated)
-        if scopes == self.routing.scopes:
-            return  # the summed layers lie inside the towers (or the model is one scope anyway)
-        self._remove_routing_hook()
-        self.routing.scopes = scopes
-        previous = scopes[0]
-        for key, layer in layers:
-            scope = scope_of(key, scopes)
-            if scope == WHOLE_MODEL_SCOPE and WHOLE_MODEL_SCOPE not in scopes:
-                scope = previous  # a summed layer between towers (gated layers all lie in one by construction)
-            layer.routing_scope = previous = scope
-        self._routing_hook_handle = RoutingHooks(self.routing).install(self.model)
-
     # -- checkpoint keys ------------------------------------------------------------------------------------------
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

@@ -133,6 +133,7 @@ class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
 
     adapter_layer_names = ("moecl_experts", "moecl_router")
     other_param_names = ("moecl_config",)
+    follows_previous_scope = False  # a routed layer decides within its own scope, see routing.core.assign_scopes
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, routing: RoutingState, **kwargs) -> None:
         super().__init__()
