@@ -35,10 +35,6 @@ from peft.mapping import (
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, register_peft_method
 
 
-# name -> prefix of every method this package provides; prefixes must not collide with each other or with PEFT's.
-METHOD_PREFIXES: dict[str, str] = {"resora": "resora_", "ana": "ana_", "moecl": "moecl_"}
-
-
 def extend_peft_type(name: str) -> PeftType:
     """Add ``name`` (upper case, e.g. ``"RESORA"``) to :class:`peft.PeftType` and return the member.
 
@@ -173,11 +169,10 @@ def register_method(
 
 
 def _register_with_peft(name: str, config_cls: type, model_cls: type) -> PeftType:
-    prefix = METHOD_PREFIXES.get(name) or getattr(model_cls, "prefix", None)
+    # the prefix names the method's parameters in state dicts; it must not collide with any other method's
+    prefix = getattr(model_cls, "prefix", None)
     if not isinstance(prefix, str) or not prefix.endswith("_"):
         raise ValueError(f"{model_cls.__name__}.prefix must name the method's parameters, e.g. {name + '_'!r}.")
-    if getattr(model_cls, "prefix", prefix) != prefix:
-        raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, expected {prefix!r}.")
     install_peft_type_check()
     install_weights_file_check()
     peft_type = extend_peft_type(name.upper())
@@ -304,7 +299,6 @@ def registered_methods() -> dict[str, PeftType]:
 
 __all__ = [
     "METHODS",
-    "METHOD_PREFIXES",
     "MethodInfo",
     "extend_peft_type",
     "check_adapter_weights_file",
