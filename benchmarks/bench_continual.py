@@ -1,6 +1,6 @@
 """Continual benchmark on an embedded default sequence: one table, one run.
 
-    python benchmarks/bench_continual.py [--variants lora,lora-separate,resora,ana,moecl] [--epochs 3]
+    python benchmarks/bench_continual.py [--variants lora,lora-separate,resora,ana,moecl] [--epochs N]
                                          [--output-dir outputs/bench_continual] [--lr LR] [--seed 0]
     python benchmarks/bench_continual.py --lrs 1e-3,3e-3,1e-2     # every variant at every learning rate
     python benchmarks/bench_continual.py --kind zero_shot         # the zero-shot sequence: Transfer, MTIL's Avg
@@ -70,7 +70,8 @@ from peft_ext.trainers import (
     default_task_stream,
     format_summary,
 )
-from peft_ext.trainers.generation import GenerationTaskModel, load_generation_metric
+from peft_ext.trainers.continual import DEFAULT_EPOCHS
+from peft_ext.trainers.generation import GenerationTaskModel, answer_length, encode_examples, load_generation_metric
 from peft_ext.trainers.metrics import compute_continual_metrics
 from peft_ext.trainers.strategies import default_method_config
 from peft_ext.trainers.task_stream import Task, load_pretrained
@@ -206,7 +207,8 @@ def generation_zero_shot(tasks: list[Task], model: str, tokenizer, batch_size: i
     metric = load_generation_metric()
     exact, rouge = [], []
     for task in tasks:
-        lm.add_task(task.name)
+        train = encode_examples(tokenizer, task.train[task.prompt_column], task.train[task.target_column], max_length)
+        lm.add_task(task.name, answer_length(train["labels"]))  # the schedule's answer length
         answers = lm.generate_answers(
             task.eval[task.prompt_column], task=task.name, batch_size=batch_size, max_prompt_length=max_length
         )
@@ -340,7 +342,9 @@ def main(argv=None) -> None:
     parser.add_argument("--kind", default="classification", choices=["classification", "zero_shot", "generation"])
     parser.add_argument("--sequence", default=None, choices=SEQUENCES, help="A classification sequence (sequences.py).")
     parser.add_argument("--variants", default=None, help=f"Comma-separated, of {', '.join(VARIANTS)} (default: all).")
-    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="Epochs per task (default: the kind's, 3; generation 1)."
+    )
     parser.add_argument(
         "--epochs-for", action="append", default=[], metavar="VARIANT=EPOCHS", help="Epochs of one variant."
     )
@@ -404,6 +408,8 @@ def main(argv=None) -> None:
     if args.validation:
         tasks = validation_tasks(tasks, args.validation)
     lr_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS[args.kind]
     epochs_for = {k: float(v) for k, v in (item.split("=", 1) for item in args.epochs_for)}
     config_for = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.config_for)}
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None

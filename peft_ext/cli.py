@@ -33,7 +33,7 @@ HELP_GROUPS = {
         "kind": "Without --tasks: the embedded sequence of this kind: classification (default), zero_shot, generation.",
     },
     "training": {
-        "epochs": "Epochs per task (default: 3).",
+        "epochs": "Epochs per task (default: 3; generation tasks 1).",
         "batch_size": "Per-device batch size of training and evaluation (default: 16 and 64).",
         "lr": "Learning rate (default: the method's own: {learning_rates}).",
         "seed": "Random seed; task i trains with seed + i (default: 42).",

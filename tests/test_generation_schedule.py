@@ -61,6 +61,29 @@ def test_moecl_task_agnostic_generation_routes_each_prompt(tmp_path):
     assert 0.0 <= result.task_identification <= 1.0 and result.unseen_to_base is not None
 
 
+def test_task_agnostic_answers_are_each_prompts_answer_under_its_pick(tmp_path):
+    # The schedule reuses a row's task-aware answers (and the base model's) for prompts picked for those routes and
+    # generates only the others; forced mixed picks (each task and the base model) must give the scores of every
+    # prompt answered alone under its own pick.
+    schedule = run(tmp_path, "moecl", {"num_experts": 4, "r": 4}, repeat=3, epochs=5)
+    schedule.run()
+    model, seen = schedule.classifier.encoder, list(TASKS)
+    assert {("colors", "colors"), ("colors", None)} <= set(schedule._answers)  # the last row's, to reuse
+    for task in schedule.tasks:
+        prompts, targets = task.eval["prompt"], task.eval["target"]
+        picks = [[*seen, None][i % 3] for i in range(len(prompts))]
+        remaining = iter(picks)
+        model.predict_tasks = lambda batch: [next(remaining) for _ in batch["input_ids"]]
+        reused = schedule.evaluate_routed_generation(task, seen)
+        alone = []
+        for prompt, pick in zip(prompts, picks):
+            with model.route(pick or "none"):
+                alone += schedule._generate(task, [prompt])
+        direct = schedule._answer_scores(alone, targets)["exact_match"]
+        assert reused[0] == direct and reused[2] == picks.count(None)
+        assert 0.0 < direct < 1.0  # the picks matter: a wrong route answers wrong
+
+
 def test_bad_generation_input_is_one_line(tmp_path):
     rows = Dataset.from_list([{"prompt": "capital of france ?", "target": "paris"}, {"prompt": "x", "target": " "}])
     with pytest.raises(TaskStreamError, match="1 row\\(s\\) of the train split have an empty target") as info:

@@ -68,7 +68,14 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .generation import GenerationCollator, GenerationTaskModel, encode_examples, encode_prompts, load_generation_metric
+from .generation import (
+    GenerationCollator,
+    GenerationTaskModel,
+    answer_length,
+    encode_examples,
+    encode_prompts,
+    load_generation_metric,
+)
 from .heads import TaskHeadClassifier
 from .metrics import compute_continual_metrics
 from .regularized import RegularizedTrainer
@@ -96,7 +103,15 @@ TaskModel = Union[TaskHeadClassifier, ZeroShotClassifier, GenerationTaskModel]
 
 logger = logging.get_logger(__name__)
 
+# Epochs per task unless --epochs says otherwise. Generation: one pass over the rows, as instruction tuning commonly
+# does; each step trains a causal LM on whole sequences, so the embedded sequence runs in a few minutes on 2 CPU cores
+# (its figures in the README are for 3 epochs).
+DEFAULT_EPOCHS = {CLASSIFICATION: 3.0, ZERO_SHOT: 3.0, GENERATION: 1.0}
+
 TRAIN_CHECK_EXAMPLES = 256  # at most this many train examples (evenly spaced) measure a task's training accuracy
+# generation: each checked prompt is answered token by token, so fewer; 64 still tell a learned task from an unlearned
+# one, whose exact match is 0
+TRAIN_CHECK_PROMPTS = 64
 CHANCE_MARGIN = 0.05  # "at chance": training accuracy <= majority-class rate + this margin (and below 1.0)
 
 
@@ -125,7 +140,8 @@ class ContinualTrainingArguments(TrainingArguments):
             default, ``zero_shot`` or ``generation``); with ``tasks``, the kind they must have.
         method_config (`str`, *optional*): JSON file or preset name with the method's config options (and its
             strategy options, e.g. ``adapter_per_task``).
-        epochs (`float`, *optional*): epochs per task. batch_size (`int`, *optional*): per-device train and eval
+        epochs (`float`, *optional*): epochs per task (default :data:`DEFAULT_EPOCHS` of the tasks' kind: 3, and 1
+            for generation). batch_size (`int`, *optional*): per-device train and eval
             batch size. lr (`float`, *optional*): learning rate (default: the method's
             ``MethodInfo.default_learning_rate``).
         max_length (`int`): tokens kept per text.
@@ -180,7 +196,9 @@ class ContinualTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Initial learning rate (default: the method's own; 3e-3, MoE-CL 3e-2)."},
     )
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs per task."})
+    num_train_epochs: Optional[float] = field(
+        default=None, metadata={"help": "Epochs per task (default: 3; generation tasks 1)."}
+    )
     per_device_train_batch_size: int = field(default=16, metadata={"help": "The batch size per device for training."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "The batch size per device for evaluation."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
@@ -211,7 +229,10 @@ class ContinualTrainingArguments(TrainingArguments):
             self.learning_rate = default_learning_rate(self.method)
         if self.max_length < 2:
             raise ValueError(f"--max-length must be at least 2, got {self.max_length}.")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:  # `not >` also refuses NaN
+        if self.num_train_epochs is None and self.kind is not None:
+            self.num_train_epochs = DEFAULT_EPOCHS[self.kind]
+        # (without --kind the tasks' kind, known to the schedule, picks the default: see ContinualSchedule)
+        if self.num_train_epochs is not None and self.max_steps <= 0 and not self.num_train_epochs > 0:  # NaN too
             raise ValueError(f"--epochs must be a positive number, got {self.num_train_epochs}.")
         if not self.learning_rate > 0:
             raise ValueError(f"--lr must be a positive number, got {self.learning_rate}.")
@@ -379,6 +400,8 @@ class ContinualSchedule:
     ) -> None:
         self.tasks = check_stream(tasks)
         self.kind = self.tasks[0].kind  # one kind per stream (check_stream)
+        if args.num_train_epochs is None:
+            args.num_train_epochs = DEFAULT_EPOCHS[self.kind]
         self.args = args
         self.model_source = model
         self.tokenizer = tokenizer
@@ -402,6 +425,11 @@ class ContinualSchedule:
         self.collator = GenerationCollator(tokenizer) if self.kind == GENERATION else DataCollatorWithPadding(tokenizer)
         self.classifier: Optional[TaskModel] = None
         self._encoded: dict[tuple[str, str, Optional[int]], Dataset] = {}  # see encode()
+        # task -> the untouched base model's (accuracy, ROUGE-L or None) on its eval split, see _untouched_score
+        self._untouched: dict[str, tuple[float, Optional[float]]] = {}
+        # generation: (task, route: a trained task or None, the untouched base model) -> the answers to the task's
+        # eval prompts; trained routes' answers live for one row of the matrix, see _eval_answers
+        self._answers: dict[tuple[str, Optional[str]], list[str]] = {}
         self._generation_metric = None  # generation: exact match and ROUGE-L (see _generation_scores)
         # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
         self._base: Optional[PreTrainedModel] = None
@@ -514,25 +542,65 @@ class ContinualSchedule:
     @torch.no_grad()
     def _generation_scores(self, task: Task, prompts: list, targets: list) -> dict[str, float]:
         """Exact match and ROUGE-L of the answers generated for ``prompts`` under the routing in force."""
-        answers = self.classifier.generate_answers(
+        return self._answer_scores(self._generate(task, prompts), targets)
+
+    def _generate(self, task: Task, prompts: list) -> list[str]:
+        """``task``'s answers to ``prompts`` under the routing in force."""
+        return self.classifier.generate_answers(
             prompts, task=task.name, batch_size=self.args.per_device_eval_batch_size, max_prompt_length=self.max_length
         )
+
+    def _answer_scores(self, answers: list[str], targets: list) -> dict[str, float]:
         if self._generation_metric is None:  # loaded once: evaluate.load reads and imports the module file
             self._generation_metric = load_generation_metric()
         return self._generation_metric.compute(predictions=answers, references=[str(t) for t in targets])
 
     @torch.no_grad()
+    def _eval_answers(self, task: Task, route: Optional[str]) -> list[str]:
+        """The answers to ``task``'s eval prompts under ``route`` (a trained task's route, or None: the untouched
+        base model), generated once: greedy answers depend only on the prompt and the weights, so the task-aware
+        cells of a row and the task-agnostic evaluation of the same row share them, and the base model's serve
+        every row. :meth:`_evaluate_full_row` drops the trained routes' answers when the weights change."""
+        key = (task.name, route)
+        if key not in self._answers:
+            if route is not None:
+                serve = self.strategy.route(self.classifier.encoder, route)
+            elif self._peft_model is None:  # the zero-shot row: the classifier wraps the bare base model
+                serve = contextlib.nullcontext()
+            else:
+                serve = self.strategy.route_untrained(self._peft_model)
+            with serve:
+                self._answers[key] = self._generate(task, task.eval[task.prompt_column])
+        return self._answers[key]
+
+    def _generation_cell(self, task: Task, route: Optional[str]) -> tuple[float, float]:
+        """Exact match and ROUGE-L of :meth:`_eval_answers`."""
+        scores = self._answer_scores(self._eval_answers(task, route), task.eval[task.target_column])
+        return scores["exact_match"], scores["rouge_l"]
+
+    @torch.no_grad()
     def evaluate_routed_generation(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
         """generation, task-agnostic: every prompt routed by the model's task selector (a task of ``seen``, or the
-        base model; decided once per prompt), answers scored by exact match. Returns what
+        base model; decided once per prompt), answers scored by exact match. A prompt's answer under its pick is
+        the one :meth:`_eval_answers` already has for that route where there is one (this row's task-aware cells,
+        the base model's); the others are generated here, grouped by route. Returns what
         :meth:`evaluate_routed_zero_shot` returns."""
         model = self.classifier.encoder
         self.classifier.eval()
         picks = []
         for batch in self._prompt_batches(task, "eval"):
             picks += [name if name in seen else None for name in model.predict_tasks(batch)]
-        with model.route("auto"):
-            scores = self._generation_scores(task, task.eval[task.prompt_column], task.eval[task.target_column])
+        prompts = task.eval[task.prompt_column]
+        answers: list[Optional[str]] = [None] * len(prompts)
+        for pick in dict.fromkeys(picks):
+            rows = [i for i, name in enumerate(picks) if name == pick]
+            known = self._answers.get((task.name, pick))
+            if known is None:
+                with model.route(pick if pick is not None else "none"):
+                    known = dict(zip(rows, self._generate(task, [prompts[i] for i in rows])))
+            for i in rows:
+                answers[i] = known[i]
+        scores = self._answer_scores(answers, task.eval[task.target_column])
         expected = task.name if task.name in seen else None
         right = sum(pick == expected for pick in picks)
         return scores["exact_match"], right, sum(pick is None for pick in picks), len(picks)
@@ -716,13 +784,14 @@ class ContinualSchedule:
     def _new_classifier(self, encoder: torch.nn.Module) -> TaskModel:
         """The task model of the stream's kind over ``encoder``: heads added task by task (classification); the
         class prompts of every task, known from the start (zero_shot: every task can be scored before training);
-        or the causal LM's answers (generation)."""
+        or the causal LM's answers (generation: each task answers in at most :func:`answer_length` of its training
+        targets)."""
         if self.kind == CLASSIFICATION:
             return TaskHeadClassifier(encoder, self._base.config.hidden_size, self.pooling)
         if self.kind == GENERATION:
             model = GenerationTaskModel(encoder, self.tokenizer)
             for task in self.tasks:
-                model.add_task(task.name)
+                model.add_task(task.name, answer_length(self.encode(task, "train")["labels"]))
             return model
         classifier = ZeroShotClassifier(encoder, self.tokenizer)
         for task in self.tasks:
@@ -739,9 +808,23 @@ class ContinualSchedule:
         """Each task's accuracy before any training: the untouched base model (the kinds of
         :data:`SCORES_UNTRAINED`)."""
         self.classifier = self._new_classifier(self._base)
-        self._progress.zero_shot = [self.evaluate_task(task, route=contextlib.nullcontext()) for task in self.tasks]
+        self._progress.zero_shot = [self._untouched_score(task)[0] for task in self.tasks]
         self.classifier = None
         logger.info(f"Zero-shot accuracy: {[round(a, 4) for a in self._progress.zero_shot]}")
+
+    def _untouched_score(self, task: Task) -> tuple[float, Optional[float]]:
+        """``(accuracy, ROUGE-L or None)`` of the untouched base model on ``task``'s eval split, measured once per
+        process: the base weights never change, so the zero-shot row and every later cell a method serves with the
+        base model (:meth:`ContinualStrategy.untrained_is_base`) share it."""
+        if task.name not in self._untouched:
+            if self.kind == GENERATION:
+                self._untouched[task.name] = self._generation_cell(task, None)
+            else:
+                # before the first task the classifier wraps the bare base model; after, the strategy reaches it
+                untouched = self._peft_model is None
+                route = contextlib.nullcontext() if untouched else self.strategy.route_untrained(self._peft_model)
+                self._untouched[task.name] = self._score(task, route=route)
+        return self._untouched[task.name]
 
     def _before_task(self, index: int) -> None:
         """Reseed, prepare the model for task ``index`` (the strategy's start or begin_task) and give the task its
@@ -788,10 +871,12 @@ class ContinualSchedule:
 
     def _check_learned(self, index: int) -> None:
         """Record task ``index``'s training accuracy (task-aware, in eval mode, on at most
-        ``TRAIN_CHECK_EXAMPLES`` train examples) and warn once, naming the task, when it is at chance
-        (:func:`_at_chance`): a learning rate or an epoch count that did not fit is otherwise silent."""
+        ``TRAIN_CHECK_EXAMPLES`` train examples, ``TRAIN_CHECK_PROMPTS`` for generation) and warn once, naming the
+        task, when it is at chance (:func:`_at_chance`): a learning rate or an epoch count that did not fit is
+        otherwise silent."""
         task = self.tasks[index]
-        accuracy = self.evaluate_task(task, "train", TRAIN_CHECK_EXAMPLES)
+        limit = TRAIN_CHECK_PROMPTS if self.kind == GENERATION else TRAIN_CHECK_EXAMPLES
+        accuracy = self.evaluate_task(task, "train", limit)
         self._progress.train_accuracy[index] = accuracy
         if self.kind == GENERATION:
             # accuracy is the exact match of free-text answers: no class to guess, so chance is no match at all
@@ -834,9 +919,17 @@ class ContinualSchedule:
         progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
         if self.kind == GENERATION and progress.rouge_l is None:
             progress.rouge_l = _empty_matrix(len(self.tasks))
+        self._answers = {key: answers for key, answers in self._answers.items() if key[1] is None}  # new weights
         for j, task in enumerate(self.tasks):
-            route = None if j <= index else self.strategy.route_untrained(self._peft_model)
-            progress.accuracy[index][j], rouge_l = self._score(task, route=route)
+            if j <= index and self.kind == GENERATION:
+                progress.accuracy[index][j], rouge_l = self._generation_cell(task, task.name)
+            elif j <= index:
+                progress.accuracy[index][j], rouge_l = self._score(task)
+            elif self.strategy.untrained_is_base():
+                progress.accuracy[index][j], rouge_l = self._untouched_score(task)
+            else:
+                untrained = self.strategy.route_untrained(self._peft_model)
+                progress.accuracy[index][j], rouge_l = self._score(task, route=untrained)
             if progress.rouge_l is not None:
                 progress.rouge_l[index][j] = rouge_l
         if self.task_agnostic and self.strategy.picks_routes(self._peft_model):

@@ -47,6 +47,10 @@ GENERATION_METRIC_SCRIPT = Path(__file__).resolve().parent / "generation_metrics
 NORMALIZATIONS = ("squad", "strip")  # as generation_metrics.NORMALIZATIONS (that module imports nothing from here)
 IGNORE_INDEX = -100  # the label of a position that carries no loss (transformers' cross-entropy ignore_index)
 DEFAULT_MAX_NEW_TOKENS = 32
+# Tokens an answer may run past the longest training target (with its EOS) before generation stops: enough that an
+# answer which goes on after a right start is still seen to be wrong, few enough that a rambling model (the untouched
+# one) costs a few tokens per prompt instead of DEFAULT_MAX_NEW_TOKENS.
+ANSWER_SLACK = 3
 
 
 # -- models and tokenizers -------------------------------------------------------------------------------------------
@@ -425,6 +429,15 @@ class GenerationTaskModel(EncoderTaskModel):
         for task, spec in meta["tasks"].items():
             self.tasks.pop(task, None)
             self.add_task(task, spec.get("max_new_tokens"))
+
+
+def answer_length(labels: Sequence[Sequence[int]]) -> int:
+    """The new tokens to generate for a task whose training rows have ``labels`` (from :func:`encode_examples`):
+    its longest target with EOS, plus :data:`ANSWER_SLACK`."""
+    longest = max((sum(1 for t in row if t != IGNORE_INDEX) for row in labels), default=0)
+    if longest < 1:
+        raise ValueError("answer_length needs at least one row with a target.")
+    return longest + ANSWER_SLACK
 
 
 def _positive(value: Any, what: str) -> int:

@@ -193,6 +193,11 @@ class ContinualStrategy:
         kinds that can score it): the model as it is, for a method that shares one adapter across tasks."""
         return contextlib.nullcontext()
 
+    def untrained_is_base(self) -> bool:
+        """Whether :meth:`route_untrained` serves the untouched base model (a method with one route per task),
+        whose answers do not change as tasks are trained; False when the trained adapters serve it."""
+        return False
+
     def can_infer_tasks(self, model: PeftModel) -> bool:
         """Whether :meth:`infer_tasks` can name the task of an input for ``model`` now."""
         return False
@@ -246,6 +251,9 @@ class _LoraLikeStrategy(ContinualStrategy):
     def route_untrained(self, model):
         # one adapter per task: a task not trained yet has none, so the base model serves it
         return model.disable_adapter() if self.per_task else contextlib.nullcontext()
+
+    def untrained_is_base(self):
+        return self.per_task
 
     def infer_tasks(self, classifier, batch, tasks):
         # Route each sample to the task whose adapter + head is most confident (max softmax probability).
@@ -342,6 +350,9 @@ class _RoutedStrategy(ContinualStrategy):
 
     def route_untrained(self, model):
         return model.route("none")  # no route of its own yet: the untouched base model
+
+    def untrained_is_base(self):
+        return True
 
     def infer_tasks(self, classifier, batch, tasks):
         # One forward: the selector picks each sample's task (or the base model) inside it, and each sample runs
