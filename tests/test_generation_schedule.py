@@ -12,7 +12,7 @@ from datasets import Dataset
 from tiny_models import tiny_bert, tiny_llama, word_tokenizer
 from transformers import TrainerCallback
 
-from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments
+from peft_ext.trainers import ContinualSchedule, ContinualTrainingArguments, format_summary
 from peft_ext.trainers.task_stream import Task, TaskStreamError
 
 
@@ -51,6 +51,13 @@ def test_lora_per_task_learns_each_task_and_serves_untrained_tasks_with_the_base
     assert all(metrics["rouge_l"][i][i] == 1.0 for i in range(2))
     assert result.accuracy_task_agnostic is None  # LoRA has no selector
     assert (tmp_path / "generation.json").is_file()
+    # the summary and the run's card name the measure and give ROUGE-L
+    summary = format_summary(result)
+    assert "exact match (%) after training task" in summary and "ROUGE-L Last 100.00" in summary
+    card = (tmp_path / "README.md").read_text()
+    assert "Exact match (%) after training the task of each row" in card and "Zero-shot exact match" in card
+    assert "ROUGE-L (%) of the same answers after the last task: colors 100.00, capitals 100.00" in card
+    assert "(adapter + heads)" not in card and "| trained over the whole sequence (adapter) |" in card
 
 
 def test_moecl_task_agnostic_generation_routes_each_prompt(tmp_path):

@@ -1060,11 +1060,12 @@ def _mean_or_none(values: Optional[list[float]]) -> Optional[float]:
 
 
 def format_summary(result: ContinualResult) -> str:
-    """A plain-text table of the accuracy matrix (percent; the zero-shot row first where measured) and the
-    scores."""
+    """A plain-text table of the accuracy matrix (generation: exact match; percent; the zero-shot row first where
+    measured) and the scores."""
     names = result.tasks
     width = max(12, *(len(n) + 2 for n in names))
-    lines = [f"method: {result.method}", "accuracy (%) after training task (rows) on task (columns):"]
+    measure = "exact match" if result.kind == GENERATION else "accuracy"
+    lines = [f"method: {result.method}", f"{measure} (%) after training task (rows) on task (columns):"]
     lines.append(" " * width + "".join(f"{n:>{width}}" for n in names))
     labelled = list(zip(names, result.accuracy))
     if result.accuracy_zero_shot is not None:
@@ -1076,6 +1077,7 @@ def format_summary(result: ContinualResult) -> str:
     lines.append(
         f"Avg {100 * s['avg']:.2f}  Last {100 * s['last']:.2f}  BWT {100 * s['bwt']:+.2f}  "
         f"Forgetting {100 * s['forgetting']:.2f}"
+        + (f"  ROUGE-L Last {100 * _mean_or_none(result.rouge_l[-1]):.2f}" if result.rouge_l else "")
     )
     if s.get("transfer") is not None:
         lines.append(

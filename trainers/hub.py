@@ -396,16 +396,21 @@ def build_model_card(
 
     text += ["", "## Results", ""]
     if metrics:
+        # generation fills the matrix with the exact match of the generated answers (ROUGE-L beside it)
+        measure = "Exact match" if metrics.get("kind") == "generation" else "Accuracy"
         text += [
-            "Accuracy (%) after training the task of each row, evaluated on the task of each column (task-aware: "
+            f"{measure} (%) after training the task of each row, evaluated on the task of each column (task-aware: "
             "the task is named):",
             "",
             _matrix_table(metrics["accuracy"], tasks),
             "",
         ]
+        if metrics.get("rouge_l"):
+            cells = ", ".join(f"{t} {_score(a)}" for t, a in zip(tasks, metrics["rouge_l"][-1]))
+            text += [f"ROUGE-L (%) of the same answers after the last task: {cells}", ""]
         if metrics.get("accuracy_task_agnostic"):
             text += [
-                "Task-agnostic accuracy (%) (the task inferred from the input"
+                f"Task-agnostic {measure.lower()} (%) (the task inferred from the input"
                 + (" by the task selector" if has_selector else ", by the most confident adapter + head")
                 + "):",
                 "",
@@ -433,7 +438,7 @@ def build_model_card(
         text += [""]
         if metrics.get("accuracy_zero_shot"):
             cells = ", ".join(f"{t} {_score(a)}" for t, a in zip(tasks, metrics["accuracy_zero_shot"]))
-            text.append(f"- **Zero-shot accuracy** (the untouched model, before any training): {cells}")
+            text.append(f"- **Zero-shot {measure.lower()}** (the untouched model, before any training): {cells}")
         if metrics.get("task_identification") is not None:
             text.append(
                 f"- **Task identification:** {100 * metrics['task_identification']:.1f}% of the evaluation inputs "
@@ -455,7 +460,8 @@ def build_model_card(
     if metrics and metrics.get("trainable_params") is not None:
         total = metrics.get("total_params") or 0
         share = f" ({100 * metrics['trainable_params'] / total:.2f}% of {total:,})" if total else ""
-        text.append(f"| trained over the whole sequence (adapter + heads) | {metrics['trainable_params']:,}{share} |")
+        trained = "adapter + heads" if heads else "adapter"
+        text.append(f"| trained over the whole sequence ({trained}) | {metrics['trainable_params']:,}{share} |")
     text.append(f"| stored adapter tensors (`{WEIGHTS_NAME}`) | {adapter_params:,} |")
     if head_params:
         text.append(f"| stored head tensors (`{HEADS_WEIGHTS}`) | {head_params:,} |")
