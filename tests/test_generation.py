@@ -18,10 +18,12 @@ from torch import nn
 
 from peft_ext.trainers import generation_metrics
 from peft_ext.trainers.generation import (
+    ANSWER_SLACK,
     GENERATION_CONFIG,
     IGNORE_INDEX,
     GenerationCollator,
     GenerationTaskModel,
+    answer_length,
     encode_examples,
     encode_prompts,
     generate_answers,
@@ -79,6 +81,14 @@ def test_prompt_tokens_carry_no_loss():
     with torch.no_grad():
         halved = model(**batch, num_items_in_batch=torch.tensor(2 * int(on_target.sum())))
     torch.testing.assert_close(halved.loss, by_hand / 2)
+
+
+def test_answer_length_is_the_longest_target_with_eos_plus_the_slack():
+    rows = encode_examples(word_tokenizer(), ["color of sky ?", "capital ?"], ["blue", "paris rome"])
+    assert [sum(t != IGNORE_INDEX for t in row) for row in rows["labels"]] == [2, 3]  # target tokens + EOS
+    assert answer_length(rows["labels"]) == 3 + ANSWER_SLACK
+    with pytest.raises(ValueError, match="at least one row with a target"):
+        answer_length([[IGNORE_INDEX, IGNORE_INDEX]])
 
 
 def test_collator_pads_left_and_falls_back_to_eos():
