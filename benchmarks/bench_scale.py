@@ -992,18 +992,13 @@ def main(argv=None) -> dict:
             results["params"] = parameter_rows(entries, task_counts)
             md += parameter_table(results["params"]) + [""]
             save()
-        if "forward" in parts:
-            times = time_models(entries, args.batch_sizes, "forward", env, log)
-            results["forward"] = times
-            results["forward_ratios"] = ratio_rows(times, task_counts)
-            md += ratio_table(results["forward_ratios"], "forward") + [""]
-            save()
-        if "train" in parts:
-            times = time_models(entries, args.batch_sizes, "train", env, log)
-            results["train"] = times
-            results["train_ratios"] = ratio_rows(times, task_counts)
-            md += ratio_table(results["train_ratios"], "train step") + [""]
-            save()
+        for kind, title in (("forward", "forward"), ("train", "train step")):
+            if kind in parts:
+                times = time_models(entries, args.batch_sizes, kind, env, log)
+                results[kind] = times
+                results[f"{kind}_ratios"] = ratio_rows(times, task_counts)
+                md += ratio_table(results[f"{kind}_ratios"], title) + [""]
+                save()
         del entries
     if "selector" in parts:
         count = max(task_counts)
