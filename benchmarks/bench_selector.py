@@ -113,7 +113,7 @@ def agnostic(schedule: ContinualSchedule) -> tuple[float, float]:
     seen = [t.name for t in schedule.tasks]
     accs, right, total = [], 0, 0
     for task in schedule.tasks:
-        acc, picked, n = schedule.evaluate_task_agnostic(task, seen)
+        acc, picked, _, n = schedule.evaluate_task_agnostic(task, seen)
         accs.append(acc)
         right, total = right + picked, total + n
     return sum(accs) / len(accs), right / total

@@ -143,16 +143,19 @@ def test_task_agnostic_compares_label_strings(tmp_path, tokenizer):
     schedule, _ = run(tmp_path, tokenizer, names=["colors", "moods"], epochs=1)
 
     class AlwaysMoods:
+        def picks_routes(self, model):
+            return False
+
         def infer_tasks(self, classifier, batch, tasks):
             n = batch["input_ids"].shape[0]
             return ["moods"] * n, torch.full((n,), classifier.labels["moods"].index("yes"))
 
     schedule.strategy = AlwaysMoods()
     colors = schedule.tasks[0]
-    acc, picked, total = schedule.evaluate_task_agnostic(colors, ["colors", "moods"])
+    acc, picked, to_base, total = schedule.evaluate_task_agnostic(colors, ["colors", "moods"])
     gold = [str(x) for x in colors.eval["label"]]
     assert acc == pytest.approx(gold.count("yes") / len(gold)) and 0 < acc < 1
-    assert picked == 0 and total == len(gold)
+    assert picked == to_base == 0 and total == len(gold)
 
 
 def test_a_registered_strategy_is_used_without_editing_the_schedule(tmp_path, tokenizer):

@@ -75,13 +75,13 @@ def test_task_agnostic_answers_are_each_prompts_answer_under_its_pick(tmp_path):
     schedule = run(tmp_path, "moecl", {"num_experts": 4, "r": 4}, repeat=3, epochs=5)
     schedule.run()
     model, seen = schedule.classifier.encoder, list(TASKS)
-    assert {("colors", "colors"), ("colors", None)} <= set(schedule._answers)  # the last row's, to reuse
+    assert {("colors", "colors"), ("colors", None)} <= set(schedule._outputs)  # the last row's, to reuse
     for task in schedule.tasks:
         prompts, targets = task.eval["prompt"], task.eval["target"]
         picks = [[*seen, None][i % 3] for i in range(len(prompts))]
         remaining = iter(picks)
-        model.predict_tasks = lambda batch: [next(remaining) for _ in batch["input_ids"]]
-        reused = schedule.evaluate_routed_generation(task, seen)
+        model.predict_tasks = lambda features: [next(remaining) for _ in features]
+        reused = schedule.evaluate_task_agnostic(task, seen)
         alone = []
         for prompt, pick in zip(prompts, picks):
             with model.route(pick or "none"):

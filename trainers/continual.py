@@ -425,11 +425,13 @@ class ContinualSchedule:
         self.collator = GenerationCollator(tokenizer) if self.kind == GENERATION else DataCollatorWithPadding(tokenizer)
         self.classifier: Optional[TaskModel] = None
         self._encoded: dict[tuple[str, str, Optional[int]], Dataset] = {}  # see encode()
-        # task -> the untouched base model's (accuracy, ROUGE-L or None) on its eval split, see _untouched_score
-        self._untouched: dict[str, tuple[float, Optional[float]]] = {}
-        # generation: (task, route: a trained task or None, the untouched base model) -> the answers to the task's
-        # eval prompts; trained routes' answers live for one row of the matrix, see _eval_answers
-        self._answers: dict[tuple[str, Optional[str]], list[str]] = {}
+        # (task, route: the task itself or None, the untouched base model) -> what the route answers to the task's
+        # eval inputs; trained routes' outputs live for one row of the matrix, see _route_outputs
+        self._outputs: dict[tuple[str, Optional[str]], list] = {}
+        # classification, zero_shot: task -> its eval split as collated batches, see _labelled_batches
+        self._eval_inputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+        # (task, feature kind) -> the task selector's features of its eval inputs, see _selector_inputs
+        self._selector_features: dict[tuple, list[torch.Tensor]] = {}
         self._generation_metric = None  # generation: exact match and ROUGE-L (see _generation_scores)
         # set by run(): the base encoder, the PEFT model around it, the progress checkpoints save
         self._base: Optional[PreTrainedModel] = None
@@ -473,6 +475,13 @@ class ContinualSchedule:
         return DataLoader(
             rows, batch_size=self.args.per_device_eval_batch_size, shuffle=False, collate_fn=self.collator
         )
+
+    def _eval_mode(self) -> None:
+        """Put the classifier in eval mode (dropout off) unless it is already: train() and eval() set every module,
+        and walking them all costs more than a small model's forward once there are many tasks (AnA's in-adapters
+        grow with the square of the task count)."""
+        if self.classifier.training:
+            self.classifier.eval()
 
     def _device(self) -> torch.device:
         return next(self.classifier.parameters()).device
@@ -523,21 +532,48 @@ class ContinualSchedule:
             with self.strategy.route(self.classifier.encoder, task.name) if route is None else route:
                 scores = self._generation_scores(task, ds[task.prompt_column], ds[task.target_column])
             return scores["exact_match"], scores["rouge_l"]
+        predicted, labels = self._predict(task, split, limit, route)
+        return int((predicted == labels).sum()) / len(labels), None
+
+    def _predict(
+        self,
+        task: Task,
+        split: str = "eval",
+        limit: Optional[int] = None,
+        route: Optional[contextlib.AbstractContextManager] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """classification, zero_shot: the predicted class ids and the label ids ``(N,)`` of ``task``'s ``split``
+        (its head's classes, or its class prompts), in :meth:`_loader`'s order, under ``task``'s own route or
+        ``route``."""
         clf, device = self.classifier, self._device()
-        clf.eval()
-        correct = total = 0
+        self._eval_mode()
         own_route = route is None
         # zero_shot: prompt embeddings are cached per route the classifier can see; one it cannot (disabled
         # adapters) gets its own cache key
         logit_kwargs = {} if own_route or self.kind != ZERO_SHOT else {"cache_key": "untrained"}
+        predicted, labels = [], []
         with self.strategy.route(clf.encoder, task.name) if own_route else route:
-            for batch in self._loader(self.encode(task, split, limit), True):
-                labels = batch.pop("labels")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                pred = clf.logits(clf.features(**batch), task.name, **logit_kwargs).argmax(-1).cpu()
-                correct += int((pred == labels).sum())
-                total += len(labels)
-        return correct / total, None
+            for batch in self._labelled_batches(task, split, limit):
+                labels.append(batch["labels"])
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                predicted.append(clf.logits(clf.features(**batch), task.name, **logit_kwargs).argmax(-1).cpu())
+        return torch.cat(predicted), torch.cat(labels)
+
+    def _labelled_batches(self, task: Task, split: str = "eval", limit: Optional[int] = None) -> list[dict]:
+        """classification, zero_shot: ``task``'s ``split`` as collated batches with their ``labels`` (on the CPU),
+        in :meth:`_loader`'s order. The eval split's are built once per run: every row of the matrix reads them
+        again, and collating through ``datasets`` costs more than a small model's forward."""
+        if split != "eval" or limit is not None:
+            return list(self._loader(self.encode(task, split, limit), True))
+        if task.name not in self._eval_inputs:
+            self._eval_inputs[task.name] = list(self._loader(self.encode(task, "eval"), True))
+        return self._eval_inputs[task.name]
+
+    def _eval_labels(self, task: Task) -> list:
+        """``task``'s eval labels (label strings) in :meth:`_loader`'s order (generation: its targets)."""
+        if self.kind == GENERATION:
+            return list(task.eval[task.target_column])
+        return [task.labels[i] for batch in self._labelled_batches(task) for i in batch["labels"].tolist()]
 
     @torch.no_grad()
     def _generation_scores(self, task: Task, prompts: list, targets: list) -> dict[str, float]:
@@ -556,101 +592,142 @@ class ContinualSchedule:
         return self._generation_metric.compute(predictions=answers, references=[str(t) for t in targets])
 
     @torch.no_grad()
-    def _eval_answers(self, task: Task, route: Optional[str]) -> list[str]:
-        """The answers to ``task``'s eval prompts under ``route`` (a trained task's route, or None: the untouched
-        base model), generated once: greedy answers depend only on the prompt and the weights, so the task-aware
-        cells of a row and the task-agnostic evaluation of the same row share them, and the base model's serve
-        every row. :meth:`_evaluate_full_row` drops the trained routes' answers when the weights change."""
+    def _route_outputs(self, task: Task, route: Optional[str]) -> list[str]:
+        """What ``route`` answers to ``task``'s eval inputs, in :meth:`_eval_labels`' order -- ``route``:
+        ``task.name`` (its own trained route) or None (the untouched base model) -- computed once. Generation: the
+        answers; the other kinds: the predicted labels. Outputs depend only on the inputs and the weights, so the
+        task-aware cells of a row and the task-agnostic evaluation of the same row share them, and the base model's
+        serve every row; :meth:`_evaluate_row` drops the trained routes' outputs when the weights change."""
         key = (task.name, route)
-        if key not in self._answers:
+        if key not in self._outputs:
             if route is not None:
-                serve = self.strategy.route(self.classifier.encoder, route)
+                serve = None  # the task's own route
             elif self._peft_model is None:  # the zero-shot row: the classifier wraps the bare base model
                 serve = contextlib.nullcontext()
             else:
                 serve = self.strategy.route_untrained(self._peft_model)
-            with serve:
-                self._answers[key] = self._generate(task, task.eval[task.prompt_column])
-        return self._answers[key]
+            if self.kind == GENERATION:
+                with self.strategy.route(self.classifier.encoder, task.name) if serve is None else serve:
+                    self._outputs[key] = self._generate(task, task.eval[task.prompt_column])
+            else:
+                predicted = self._predict(task, route=serve)[0]
+                self._outputs[key] = [task.labels[i] for i in predicted.tolist()]
+        return self._outputs[key]
 
-    def _generation_cell(self, task: Task, route: Optional[str]) -> tuple[float, float]:
-        """Exact match and ROUGE-L of :meth:`_eval_answers`."""
-        scores = self._answer_scores(self._eval_answers(task, route), task.eval[task.target_column])
-        return scores["exact_match"], scores["rouge_l"]
+    def _cell(self, task: Task, route: Optional[str]) -> tuple[float, Optional[float]]:
+        """Accuracy (generation: exact match) and ROUGE-L (generation; None otherwise) of :meth:`_route_outputs`."""
+        return self._output_scores(task, self._route_outputs(task, route))
+
+    def _output_scores(self, task: Task, outputs: list) -> tuple[float, Optional[float]]:
+        """Score outputs in :meth:`_eval_labels`' order (None: no answer, wrong)."""
+        if self.kind == GENERATION:
+            scores = self._answer_scores(outputs, self._eval_labels(task))
+            return scores["exact_match"], scores["rouge_l"]
+        gold = self._eval_labels(task)
+        return sum(p is not None and p == g for p, g in zip(outputs, gold)) / len(gold), None
+
+    def _eval_batches(self, task: Task) -> list[dict[str, torch.Tensor]]:
+        """``task``'s eval inputs as model-input batches on the model's device, in :meth:`_eval_labels`' order
+        (generation: the prompts alone)."""
+        if self.kind == GENERATION:
+            return self._prompt_batches(task, "eval")
+        device = self._device()
+        return [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in self._labelled_batches(task)]
+
+    def _selector_inputs(self, task: Task) -> list[torch.Tensor]:
+        """The task selector's features ``(B, F)`` of each of :meth:`_eval_batches`. They are the untouched base
+        model's (the first routed layer's pooled input, or its last hidden state), which no task changes: computed
+        once per run and kind of feature, where a ``task_ids="auto"`` forward would compute them again in every
+        row."""
+        model = self._peft_model
+        config = model.peft_config[model.active_adapter]
+        key = (task.name, config.selector_features, config.routing_token)
+        if key not in self._selector_features:
+            self._selector_features[key] = [model.collect_selector_features([b]) for b in self._eval_batches(task)]
+        return self._selector_features[key]
+
+    def _picked_outputs(self, task: Task, picks: dict[int, str]) -> dict[int, Any]:
+        """The outputs for some of ``task``'s eval inputs (positions in :meth:`_eval_labels`' order), each under the
+        route of the task it was picked for (``picks``: position -> task): classification through that task's head
+        (its label strings), zero_shot among ``task``'s classes with their prompts embedded under the same route
+        (MTIL's protocol), generation its answers. One forward per batch, each sample routed to its pick (generation:
+        one generation per pick)."""
+        model, outputs = self._peft_model, {}
+        if self.kind == GENERATION:
+            prompts = task.eval[task.prompt_column]
+            for pick in dict.fromkeys(picks.values()):
+                rows = [i for i, name in picks.items() if name == pick]
+                with model.route(pick):
+                    outputs.update(zip(rows, self._generate(task, [prompts[i] for i in rows])))
+            return outputs
+        clf, start = self.classifier, 0
+        for batch in self._eval_batches(task):
+            size = next(iter(batch.values())).shape[0]
+            rows = [i for i in range(start, start + size) if i in picks]
+            start += size
+            if not rows:
+                continue
+            index = torch.tensor([i - start + size for i in rows], device=self._device())
+            with model.route([picks[i] for i in rows]):
+                features = clf.features(**{k: v.index_select(0, index) for k, v in batch.items()})
+            for pick in dict.fromkeys(picks[i] for i in rows):
+                at = [n for n, i in enumerate(rows) if picks[i] == pick]
+                head, labels = (pick, clf.labels[pick]) if self.kind == CLASSIFICATION else (task.name, task.labels)
+                with model.route(pick):  # zero_shot: the class prompts under the same route
+                    predicted = clf.logits(features[at], head).argmax(-1).tolist()
+                outputs.update((rows[n], labels[p]) for n, p in zip(at, predicted))
+        return outputs
 
     @torch.no_grad()
-    def evaluate_routed_generation(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
-        """generation, task-agnostic: every prompt routed by the model's task selector (a task of ``seen``, or the
-        base model; decided once per prompt), answers scored by exact match. A prompt's answer under its pick is
-        the one :meth:`_eval_answers` already has for that route where there is one (this row's task-aware cells,
-        the base model's); the others are generated here, grouped by route. Returns what
-        :meth:`evaluate_routed_zero_shot` returns."""
-        model = self.classifier.encoder
-        self.classifier.eval()
-        picks = []
-        for batch in self._prompt_batches(task, "eval"):
-            picks += [name if name in seen else None for name in model.predict_tasks(batch)]
-        prompts = task.eval[task.prompt_column]
-        answers: list[Optional[str]] = [None] * len(prompts)
-        for pick in dict.fromkeys(picks):
-            rows = [i for i, name in enumerate(picks) if name == pick]
-            known = self._answers.get((task.name, pick))
-            if known is None:
-                with model.route(pick if pick is not None else "none"):
-                    known = dict(zip(rows, self._generate(task, [prompts[i] for i in rows])))
-            for i in rows:
-                answers[i] = known[i]
-        scores = self._answer_scores(answers, task.eval[task.target_column])
+    def evaluate_task_agnostic(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
+        """Accuracy on ``task`` with the task of each input inferred among ``seen``: picked by the model's task
+        selector (:meth:`ContinualStrategy.picks_routes`; the base model is a pick too), or by the strategy's
+        :meth:`~ContinualStrategy.infer_tasks` (e.g. LoRA's max confidence). Returns the accuracy, the inputs
+        routed right (to ``task`` when it is seen, to the base model when not), the inputs sent to the base model,
+        and the number of inputs.
+
+        An input is answered as its pick serves it: classification through the picked task's head (label strings
+        compared, so a wrong task can still give the right label; the base model has no head: wrong), zero_shot
+        among ``task``'s classes with their prompts embedded under the same route (MTIL's protocol), generation
+        the answer under the picked route (decided once per prompt). With a task selector, the picks come from the
+        base model's features of the inputs, kept across rows (:meth:`_selector_inputs`); an input picked for a
+        route whose outputs this row already has (its own task's, the base model's: :meth:`_route_outputs`)
+        reuses them, and only the inputs picked for another task run again, grouped by pick."""
+        self._eval_mode()
+        if not self.strategy.picks_routes(self._peft_model):
+            return self._inferred_task_agnostic(task, seen)
+        model, picks = self._peft_model, []
+        for features in self._selector_inputs(task):
+            picks += [name if name in seen else None for name in model.predict_tasks(features=features)]
+        outputs: list = [None] * len(picks)  # classification: the base model has no head for an input sent there
+        known = [task.name, *([None] if self.kind in SCORES_UNTRAINED else [])]
+        for route in set(known) & set(picks):
+            routed = self._route_outputs(task, route)
+            for i, pick in enumerate(picks):
+                if pick == route:
+                    outputs[i] = routed[i]
+        others = {i: pick for i, pick in enumerate(picks) if pick is not None and pick != task.name}
+        for i, answer in self._picked_outputs(task, others).items():
+            outputs[i] = answer
         expected = task.name if task.name in seen else None
         right = sum(pick == expected for pick in picks)
-        return scores["exact_match"], right, sum(pick is None for pick in picks), len(picks)
+        return self._output_scores(task, outputs)[0], right, picks.count(None), len(picks)
 
-    @torch.no_grad()
-    def evaluate_routed_zero_shot(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
-        """zero_shot, task-agnostic, as MTIL scores it: the model's task selector picks each input's route (a task
-        of ``seen``, or the base model), and the input is classified among ``task``'s classes, whose prompts are
-        embedded under the same route. Returns the accuracy, the inputs routed right (to ``task`` when it is seen,
-        to the base model when not), the inputs sent to the base model, and the number of inputs."""
+    def _inferred_task_agnostic(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
+        """classification: :meth:`evaluate_task_agnostic` through the strategy's ``infer_tasks``."""
         clf, device = self.classifier, self._device()
-        model = clf.encoder
-        clf.eval()
-        correct = right = to_base = total = 0
-        for batch in self._loader(self.encode(task, "eval"), True):
-            labels = batch.pop("labels")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with model.route("auto"):
-                features = clf.features(**batch)
-            picks = [name if name in seen else None for name in model.routed_tasks()]
-            preds = torch.empty(len(picks), dtype=torch.long)
-            for pick in set(picks):
-                rows = [i for i, name in enumerate(picks) if name == pick]
-                with model.route(pick if pick is not None else "none"):
-                    preds[rows] = clf.logits(features[rows], task.name).argmax(-1).cpu()
-            expected = task.name if task.name in seen else None
-            correct += int((preds == labels).sum())
-            right += sum(pick == expected for pick in picks)
-            to_base += sum(pick is None for pick in picks)
-            total += len(picks)
-        return correct / total, right, to_base, total
-
-    @torch.no_grad()
-    def evaluate_task_agnostic(self, task: Task, seen: list[str]) -> tuple[float, int, int]:
-        """Accuracy on ``task`` with the task inferred per input among ``seen`` (label strings compared), and the
-        number of inputs whose task was picked right, out of how many."""
-        clf, device = self.classifier, self._device()
-        clf.eval()
-        correct = picked = total = 0
-        for batch in self._loader(self.encode(task, "eval"), True):
-            labels = batch.pop("labels").tolist()
-            batch = {k: v.to(device) for k, v in batch.items()}
+        correct = picked = to_base = total = 0
+        for batch in self._labelled_batches(task):
+            labels = batch["labels"].tolist()
+            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             names, preds = self.strategy.infer_tasks(clf, batch, seen)
             for name, pred, gold in zip(names, preds.tolist(), labels):
-                gold_label = task.labels[gold]
                 predicted = clf.labels[name][pred] if name is not None and pred >= 0 else None
-                correct += int(predicted == gold_label)
+                correct += int(predicted == task.labels[gold])
                 picked += int(name == task.name)
+                to_base += int(name is None)
                 total += 1
-        return correct / total, picked, total
+        return correct / total, picked, to_base, total
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
@@ -808,23 +885,9 @@ class ContinualSchedule:
         """Each task's accuracy before any training: the untouched base model (the kinds of
         :data:`SCORES_UNTRAINED`)."""
         self.classifier = self._new_classifier(self._base)
-        self._progress.zero_shot = [self._untouched_score(task)[0] for task in self.tasks]
+        self._progress.zero_shot = [self._cell(task, None)[0] for task in self.tasks]
         self.classifier = None
         logger.info(f"Zero-shot accuracy: {[round(a, 4) for a in self._progress.zero_shot]}")
-
-    def _untouched_score(self, task: Task) -> tuple[float, Optional[float]]:
-        """``(accuracy, ROUGE-L or None)`` of the untouched base model on ``task``'s eval split, measured once per
-        process: the base weights never change, so the zero-shot row and every later cell a method serves with the
-        base model (:meth:`ContinualStrategy.untrained_is_base`) share it."""
-        if task.name not in self._untouched:
-            if self.kind == GENERATION:
-                self._untouched[task.name] = self._generation_cell(task, None)
-            else:
-                # before the first task the classifier wraps the bare base model; after, the strategy reaches it
-                untouched = self._peft_model is None
-                route = contextlib.nullcontext() if untouched else self.strategy.route_untrained(self._peft_model)
-                self._untouched[task.name] = self._score(task, route=route)
-        return self._untouched[task.name]
 
     def _before_task(self, index: int) -> None:
         """Reseed, prepare the model for task ``index`` (the strategy's start or begin_task) and give the task its
@@ -893,58 +956,42 @@ class ContinualSchedule:
             )
 
     def _evaluate_row(self, index: int) -> None:
-        """Row ``index`` of the accuracy matrix: every task seen so far (zero_shot: every task, the ones not trained
-        yet served as the strategy's ``route_untrained`` says), task-aware, and task-agnostic (with the task
-        identification rate) where the strategy can infer tasks."""
-        if self.kind in SCORES_UNTRAINED:
-            self._evaluate_full_row(index)
-            return
+        """Row ``index`` of the accuracy matrix: every task seen so far (the kinds of :data:`SCORES_UNTRAINED`: every
+        task, the ones not trained yet served as the strategy's ``route_untrained`` says), task-aware; and
+        task-agnostic where the model picks routes (or, classification, where the strategy infers tasks), with the
+        task identification rate and, for those kinds, the share of not-yet-trained tasks' inputs sent to the base
+        model."""
         progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
-        for j in range(index + 1):
-            progress.accuracy[index][j] = self.evaluate_task(self.tasks[j])
-        if self.task_agnostic and self.strategy.can_infer_tasks(self._peft_model):
-            if progress.agnostic is None:
-                progress.agnostic = _empty_matrix(len(self.tasks))
-            picked = total = 0
-            for j in range(index + 1):
-                progress.agnostic[index][j], p, t = self.evaluate_task_agnostic(self.tasks[j], seen)
-                picked, total = picked + p, total + t
-            progress.identification = picked / total
-        row = [round(a, 4) for a in progress.accuracy[index][: index + 1]]
-        logger.info(f"After {self.tasks[index].name}: accuracy {row}")
-
-    def _evaluate_full_row(self, index: int) -> None:
-        """Row ``index`` for the kinds of :data:`SCORES_UNTRAINED`: every task, and the task-agnostic row with the
-        share of not-yet-trained tasks' inputs sent to the base model."""
-        progress, seen = self._progress, [t.name for t in self.tasks[: index + 1]]
+        full = self.kind in SCORES_UNTRAINED
+        scored = self.tasks if full else self.tasks[: index + 1]
         if self.kind == GENERATION and progress.rouge_l is None:
             progress.rouge_l = _empty_matrix(len(self.tasks))
-        self._answers = {key: answers for key, answers in self._answers.items() if key[1] is None}  # new weights
-        for j, task in enumerate(self.tasks):
-            if j <= index and self.kind == GENERATION:
-                progress.accuracy[index][j], rouge_l = self._generation_cell(task, task.name)
-            elif j <= index:
-                progress.accuracy[index][j], rouge_l = self._score(task)
+        self._outputs = {key: outputs for key, outputs in self._outputs.items() if key[1] is None}  # new weights
+        for j, task in enumerate(scored):
+            if j <= index:
+                cell = self._cell(task, task.name)
             elif self.strategy.untrained_is_base():
-                progress.accuracy[index][j], rouge_l = self._untouched_score(task)
+                cell = self._cell(task, None)
             else:
-                untrained = self.strategy.route_untrained(self._peft_model)
-                progress.accuracy[index][j], rouge_l = self._score(task, route=untrained)
+                cell = self._score(task, route=self.strategy.route_untrained(self._peft_model))
+            progress.accuracy[index][j] = cell[0]
             if progress.rouge_l is not None:
-                progress.rouge_l[index][j] = rouge_l
-        if self.task_agnostic and self.strategy.picks_routes(self._peft_model):
+                progress.rouge_l[index][j] = cell[1]
+        model = self._peft_model
+        if self.task_agnostic and (
+            self.strategy.picks_routes(model) or (not full and self.strategy.can_infer_tasks(model))
+        ):
             if progress.agnostic is None:
                 progress.agnostic = _empty_matrix(len(self.tasks))
-            routed = self.evaluate_routed_generation if self.kind == GENERATION else self.evaluate_routed_zero_shot
             right = total = 0
-            for j, task in enumerate(self.tasks):
-                progress.agnostic[index][j], r, to_base, n = routed(task, seen)
+            for j, task in enumerate(scored):
+                progress.agnostic[index][j], r, to_base, n = self.evaluate_task_agnostic(task, seen)
                 if j <= index:
                     right, total = right + r, total + n
                 else:
                     progress.unseen_routing = [progress.unseen_routing[0] + to_base, progress.unseen_routing[1] + n]
             progress.identification = right / total
-        row = [round(a, 4) for a in progress.accuracy[index]]
+        row = [round(a, 4) for a in progress.accuracy[index][: len(scored)]]
         logger.info(f"After {self.tasks[index].name}: accuracy {row}")
 
     def _checkpoint(self, index: int) -> None:

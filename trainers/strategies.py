@@ -199,12 +199,13 @@ class ContinualStrategy:
         return False
 
     def can_infer_tasks(self, model: PeftModel) -> bool:
-        """Whether :meth:`infer_tasks` can name the task of an input for ``model`` now."""
+        """Whether :meth:`infer_tasks` can name the task of an input for ``model`` now (classification; a model
+        that picks routes itself needs no strategy for it: :meth:`picks_routes`)."""
         return False
 
     def picks_routes(self, model: PeftModel) -> bool:
-        """Whether ``model`` itself picks each input's route (a fitted task selector: ``route("auto")`` and
-        ``routed_tasks()``, or the base model for an input of no learned task)."""
+        """Whether ``model`` itself picks each input's route (a fitted task selector: ``predict_tasks``, and
+        ``route("auto")`` in a forward; the base model for an input of no learned task)."""
         return False
 
     def infer_tasks(
@@ -339,9 +340,6 @@ class _RoutedStrategy(ContinualStrategy):
         ignores them)."""
         return batches
 
-    def can_infer_tasks(self, model):
-        return bool(model.has_task_selector)
-
     def picks_routes(self, model):
         return bool(model.has_task_selector)
 
@@ -353,19 +351,6 @@ class _RoutedStrategy(ContinualStrategy):
 
     def untrained_is_base(self):
         return True
-
-    def infer_tasks(self, classifier, batch, tasks):
-        # One forward: the selector picks each sample's task (or the base model) inside it, and each sample runs
-        # with its pick; the features are then classified by the picked task's head.
-        model = classifier.encoder
-        with model.route("auto"):
-            features = classifier.features(**batch)
-        names = [n if n in tasks else None for n in model.routed_tasks()]  # None: the selector says "no task"
-        preds = torch.full((len(names),), -1, dtype=torch.long)
-        for task in set(n for n in names if n is not None):
-            rows = [i for i, n in enumerate(names) if n == task]
-            preds[rows] = classifier.logits(features[rows], task).argmax(-1).cpu()
-        return names, preds
 
 
 @register_strategy("moecl")

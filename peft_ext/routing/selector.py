@@ -468,14 +468,29 @@ class TaskSelectorMixin:
         return torch.where(choice >= 0, to_task[choice.clamp_min(0)], choice)
 
     @torch.no_grad()
-    def predict_tasks(self, batch: Mapping[str, Any], adapter_name: Optional[str] = None) -> list[Optional[str]]:
+    def predict_tasks(
+        self,
+        batch: Optional[Mapping[str, Any]] = None,
+        adapter_name: Optional[str] = None,
+        *,
+        features: Optional[torch.Tensor] = None,
+    ) -> list[Optional[str]]:
         """The selector's choice for each sample of ``batch`` (model inputs), ``None`` = base model: one forward
-        under ``task_ids="auto"`` in eval mode, read back with :meth:`routed_tasks`.
+        under ``task_ids="auto"`` in eval mode, read back with :meth:`routed_tasks`. Or, given ``features``
+        ``(B, F)`` of :meth:`collect_selector_features` instead of a batch, the same choice without a forward:
+        the base model's features of an input never change, so a caller that asks again (after more tasks were
+        fitted) can keep them.
 
         E.g. to see (or override) what ``with model.route("auto"): model.generate(...)`` will pick: there the
         selector decides on the prompt and the decoding steps keep that task.
         """
         name = self._continual_adapter(adapter_name)
+        if (batch is None) == (features is None):
+            raise ValueError("predict_tasks takes either a batch or features.")
+        if features is not None:
+            chosen = self._select_for_routing(name, features.to(self._model_device())).tolist()
+            tasks = self.peft_config[name].task_names
+            return [tasks[i] if i >= 0 else None for i in chosen]
         with eval_mode(self.model), self.route(AUTO_TASK):
             self.run_inputs(batch)
         return self.routed_tasks(name)

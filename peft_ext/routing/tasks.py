@@ -368,7 +368,7 @@ class ContinualTunerMixin:
         """Fit the task selector's entry of ``task_name``; only for methods with :attr:`supports_task_selector`."""
         raise ValueError(f"{type(self).__name__} has no task selector (supports_task_selector is False).")
 
-    def predict_tasks(self, batch, adapter_name: Optional[str] = None) -> list[Optional[str]]:
+    def predict_tasks(self, batch=None, adapter_name: Optional[str] = None, *, features=None) -> list[Optional[str]]:
         """The task picked for each sample of ``batch``; only for methods with :attr:`supports_task_selector`."""
         raise ValueError(f"{type(self).__name__} has no task selector (supports_task_selector is False).")
 
