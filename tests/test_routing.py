@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from peft_ext.routing.core import RoutingState, pool_tokens
+from peft_ext.routing.gating import noisy_top_k_gating
 from peft_ext.routing.tasks import check_task_name
 
 
@@ -68,7 +69,7 @@ def test_decision_is_immutable():
         (["t1", "t1", "t1"], [1, 1, 1], 1),  # a list of one repeated name is uniform too
         ([None, "none", None], [-1, -1, -1], -1),
         (["t0", "none", "t1"], [0, -1, 1], None),  # mixed: layers must read the tensor
-        ("auto", [1, -1, 0], None),  # decided on the device
+        ("auto", [1, -1, 0], None),  # the selector picked several routes
     ],
 )
 def test_uniform_task_known_without_reading_the_tensor(requested, tasks, uniform):
@@ -81,6 +82,26 @@ def test_uniform_task_known_without_reading_the_tensor(requested, tasks, uniform
     assert decision.uniform == uniform
     state.start_scope("", None)
     assert state.decision("default", "") is None  # a new forward: nothing decided yet
+
+
+@pytest.mark.parametrize("picked", [[1, 1, 1], [-1, -1, -1]])
+def test_a_selector_picking_one_route_for_all_is_uniform(picked):
+    # every layer then takes the one-task path (or skips its adapter), as when the task is named
+    state = _state()
+    state.selector = lambda adapter, pooled: torch.tensor(picked)
+    state.set_request("auto")
+    state.start_scope("", None)
+    decision = state.decide("default", "", torch.zeros(3, 4, 8))
+    assert decision.tasks.tolist() == picked and decision.uniform == picked[0] and decision.selected
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # fewer rows than routers (each row's router gathered), and more
+def test_each_rows_own_router_whichever_way_it_is_computed(rows):
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, 6, generator=gen), torch.randn(10, 6, 4, generator=gen)
+    index = torch.randint(0, 10, (rows,), generator=gen)
+    expected = torch.stack([x[n] @ w[index[n]] for n in range(rows)])
+    torch.testing.assert_close(noisy_top_k_gating(x, w, None, 4, False, router_index=index).logits, expected)
 
 
 def test_continuing_forward_keeps_the_decisions_of_its_prompt():
@@ -129,7 +150,7 @@ def test_towers_have_their_own_decisions_and_follow_the_primary_one():
         state.start_scope("vision_model", None)
         state.decide("default", "vision_model", torch.zeros(3, 5, 8))
         state.start_scope("text_model", None)
-        # a per-sample decision that happens to pick one task does not broadcast (only a known-uniform one does)
+        # a selector that happens to pick one task does not broadcast (only a requested one does)
         with pytest.raises(ValueError, match="cannot follow"):
             state.decide("default", "text_model", torch.zeros(4, 7, 4))
 

@@ -124,24 +124,35 @@ class RoutingDecision:
 
     Attributes:
         tasks: ``(batch,)`` long tensor, the task index of each sample (``-1``: the base model).
-        uniform: the one task index of the whole batch when it is known without reading ``tasks`` (a task name, the
-            active task, a list of one repeated name), else None (a mixed batch, or a decision the selector made on
-            the device). Lets layers take the one-task path without a host-device sync.
+        uniform: the one task index of the whole batch (a task name, the active task, a list of one repeated name,
+            a selector that picked one task for every sample), else None (a mixed batch). Lets every layer take the
+            one-task path without reading ``tasks`` on the host.
+        selected: made by the task selector. A batch it sent to one task is uniform by chance, not by request, so
+            another tower's batch of another size does not follow it (:meth:`to_batch`): the same call would fail on
+            the next batch, which the selector splits.
     """
 
     tasks: torch.Tensor
     uniform: Optional[int] = None
+    selected: bool = False
 
     @classmethod
     def everyone(cls, task: int, batch: int, device) -> "RoutingDecision":
         return cls(torch.full((batch,), task, dtype=torch.long, device=device), task)
 
+    @classmethod
+    def selected_by(cls, tasks: torch.Tensor) -> "RoutingDecision":
+        """The task selector's decision, per-sample task indices ``tasks`` ``(batch,)``: uniform when they are all
+        the same."""
+        values = set(tasks.tolist())
+        return cls(tasks, values.pop() if len(values) == 1 else None, selected=True)
+
     def to_batch(self, batch: int, device, where: str) -> "RoutingDecision":
         """This decision for a batch of ``batch`` samples of another scope: the same when the sizes agree, broadcast
         when it is one task for all; ValueError otherwise."""
         if self.tasks.shape[0] == batch:
-            return RoutingDecision(self.tasks.to(device), self.uniform)
-        if self.uniform is not None:
+            return RoutingDecision(self.tasks.to(device), self.uniform, self.selected)
+        if self.uniform is not None and not self.selected:
             return RoutingDecision.everyone(self.uniform, batch, device)
         raise ValueError(
             f"{where} has {batch} samples and cannot follow a per-sample decision made for {self.tasks.shape[0]}; "
@@ -346,7 +357,9 @@ class RoutingState:
                     )
             else:
                 pooled = pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask(scope))
-            return RoutingDecision(self.selector(adapter_name, pooled).to(device))
+            # read on the host once per forward: a batch the selector sends to one task (or to the base model) then
+            # runs every layer's one-task path, as when that task is named
+            return RoutingDecision.selected_by(self.selector(adapter_name, pooled).to(device))
         names = list(requested)
         if len(names) != batch:
             raise ValueError(f"task_ids has {len(names)} entries but the batch has {batch} samples.")

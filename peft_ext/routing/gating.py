@@ -87,6 +87,8 @@ def _project(x: torch.Tensor, w: torch.Tensor, router_index: Optional[torch.Tens
         return x @ w
     if router_index is None:
         raise ValueError("Several routers ((R, d, E) weights) need router_index, the router of each row.")
+    if router_index.numel() < w.shape[0]:  # fewer rows than routers: each row's own router, gathered
+        return torch.bmm(x.unsqueeze(1), w.index_select(0, router_index)).squeeze(1)
     # every router on every row (one batched matmul, no per-row weight copy), then each row's own router
     all_logits = torch.matmul(x.unsqueeze(0), w)  # (R, N, E)
     index = router_index.view(1, -1, 1).expand(1, -1, w.shape[-1])
