@@ -163,3 +163,31 @@ def test_selector_errors():
         get_peft_model(Probe(), MoECLConfig(target_modules=["lin0"], selector_hidden=F, **DDAS)).fit_task_selector(
             "default", features=gaussian(0, 20, seed=1), epochs=1
         )
+
+
+def test_shallow_features_stop_the_forward_once_taken():
+    # A deep causal LM's selector fit needs only its first routed layer's input: the rest of the forward is skipped,
+    # and the features are those a full forward gives that layer.
+    from tiny_models import tiny_llama
+
+    from peft_ext import AnAConfig
+
+    config = AnAConfig(
+        r=2, target_modules=["q_proj"], task_names=["t0"], routing_token="last", selector_hidden=4, **DDAS
+    )
+    model = get_peft_model(tiny_llama(), config)
+    layers = model.base_model.model.model.layers
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    seen = []
+    first = layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, -1]))
+    last = layers[-1].register_forward_pre_hook(lambda m, args: seen.append("last layer ran"))
+    with torch.no_grad():
+        model(input_ids=ids, task_ids="none")
+    assert seen[-1] == "last layer ran"
+    full, seen[:] = seen[0], []
+    features = model.collect_selector_features([{"input_ids": ids}])
+    first.remove(), last.remove()
+    assert len(seen) == 1 and torch.equal(features, full)  # only the first layer's input was reached
+    model.fit_task_selector("t0", features=torch.cat([features] * 4))
+    with torch.no_grad():  # the stopped forwards left no routing state behind
+        assert model(input_ids=ids, task_ids="t0").logits.shape == (2, 4, 64)

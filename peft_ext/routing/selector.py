@@ -62,6 +62,10 @@ SELECTOR_KINDS = ("autoencoder", "prototype")
 SELECTOR_FEATURES = ("shallow", "deep")
 
 
+class _FeaturesTaken(Exception):
+    """Raised by the shallow-feature capture hook to end a forward whose features are taken."""
+
+
 @dataclass
 class SelectorConfigMixin:
     """Config fields of the task selector (mixed into a continual method's ``PeftConfig``).
@@ -520,6 +524,7 @@ class TaskSelectorMixin:
                 x = layer.routing_input(args, kwargs)
                 mask = self.routing.attention_mask(layer.routing_scope)
                 captured.append(pool_tokens(x, mode, mask).detach().float().reshape(x.shape[0], -1))
+                raise _FeaturesTaken  # the rest of the forward cannot change them: stop it (a deep LLM: ~all of it)
 
         def capture_output(module, args, kwargs, output):  # deep: what the scope's module returns
             if not state["taken"]:
@@ -535,7 +540,10 @@ class TaskSelectorMixin:
             with eval_mode(self.model), self.route(BASE_MODEL_TASK):
                 for batch in batches:
                     state["taken"] = False
-                    self.run_inputs(with_hidden_states(module, batch) if deep else batch)
+                    try:
+                        self.run_inputs(with_hidden_states(module, batch) if deep else batch)
+                    except _FeaturesTaken:
+                        pass
                     if not state["taken"]:
                         raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
         finally:
