@@ -423,7 +423,7 @@ class AnALayer(BaseTunerLayer):
         block_path = torch.repeat_interleave(torch.arange(num_paths, device=device), blocks, output_size=num_blocks)
         rows = num_blocks * block
         row_token = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, dest, order // k)
-        row_gate = x.new_zeros(rows).index_copy(0, dest, top_gates.reshape(-1).index_select(0, order))
+        row_gate = x.new_zeros(rows).index_copy_(0, dest, top_gates.reshape(-1).index_select(0, order))
         xs = x.index_select(0, row_token).view(num_blocks, block, d_in)
         w_sel = w_down.view(num_paths, r * d_in).index_select(0, block_path).view(num_blocks, r, d_in)
         b_sel = b_down.view(num_paths, r).index_select(0, block_path).view(num_blocks, 1, r)
@@ -432,7 +432,7 @@ class AnALayer(BaseTunerLayer):
         h = torch.cat([h * g, g], dim=-1)
         u_sel = up.view(num_paths, r1 * d_out).index_select(0, block_path).view(num_blocks, r1, d_out)
         y = torch.bmm(h, u_sel).view(rows, d_out)
-        return x.new_zeros(num_tokens, d_out).index_add(0, row_token, y)
+        return x.new_zeros(num_tokens, d_out).index_add_(0, row_token, y)
 
     def adapter_output(
         self, adapter_name: str, x: torch.Tensor, sample_tasks: torch.Tensor, uniform: Optional[int] = None
