@@ -63,23 +63,22 @@ dense at 30 tasks no worse than LoRA of rank 30*r (checked as <= 1.05x: timing n
 matrix evaluation <= 25 % of a 20-task run's time. Time ratios are checked at every timed batch size (the verdict
 needs all of them).
 
-Measured (``benchmarks/results/bench_scale_cpu.md``: CPU, 2 cores shared with other engineers' runs, 1 thread,
-the defaults plus ``--run-methods moecl,ana``, 703 s; best-of-5 ratios move by 10-20 % between runs there).
-Forward / LoRA r=8, batch 1 / 8 / 64: AnA at 30 tasks 1.57 / 1.27 / 1.46 dense and 1.82 / 1.35 / 1.33 with
-``gate_top_k=2`` (goal 1.15: FAIL), at 100 tasks 2.9 / 2.35 dense and 2.25 / 1.60 top-2 (batch 1 / 8); dense AnA at
-30 tasks / LoRA r=240 1.20 / 0.91 / 1.04 (within noise of the floor at batch 8 and 64, not at batch 1: a per-forward
-cost that does not grow with the batch -- the paths' cached weights are re-validated parameter by parameter in every
-layer). Train step / LoRA r=8 at 100 tasks 6.0 (batch 1) and 3.4 / 2.7 (batch 8, dense / top-2). MoE-CL does not
-grow with the task count: 100 tasks / 1 task 1.01 / 0.93 forward (PASS), 1.07 / 0.97 train step. Adapter
+Measured (``benchmarks/results/bench_scale_cpu.md``, latest run: CPU, 2 cores, 1 thread, the defaults plus
+``--run-methods moecl,ana``, 510 s; best-of-5 ratios move by 10-20 % between runs there). Forward / LoRA r=8, batch
+1 / 8 / 64: AnA at 30 tasks 1.85 / 1.50 / 1.16 dense and 1.99 / 1.24 / 1.03 with ``gate_top_k=2`` (goal 1.15: met at
+batch 64 only; at batch 1, 64 tokens, the sparse dispatch's ~20 small operations per layer cost more than its
+arithmetic), at 100 tasks 2.7 / 2.4 dense and 2.1 / 1.5 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240
+1.29 / 1.15 / 1.08 (a per-layer cost that does not grow with the batch: the gate, and the version sums that validate
+the cached paths). Train step / LoRA r=8 at 100 tasks 5.5 (batch 1) and 3.7 / 2.6 (batch 8, dense / top-2). MoE-CL
+does not grow with the task count: 100 tasks / 1 task 1.01 / 1.05 forward (PASS), 0.78 / 0.94 train step. Adapter
 parameters at 100 tasks: AnA 117.3 M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per task and layer, are
 quadratic in T), 2.17 M trainable (4.3 M AdamW floats); MoE-CL 4.9 M, 36,864 trainable (only the router once the
 8 experts are frozen). Selector at 100 tasks, ``auto`` vs the task named, batch 1 / 8 / 64: default (prototypes on
-deep features) +121 / +99 / +102 % (the extra base pass); prototypes on shallow features +26 / +5.4 / +1.1 % with
-``select()`` itself at 0.95 / 0.27 / 0.07 % (the rest is MoE-CL's per-sample routing path, which stacks all 100
-routers in every layer); autoencoders on shallow features +45 / +8.7 / +20 %, ``select()`` 10 / 4.2 / 2.6 %. No
-selector meets 2 % at every batch size. Whole runs (tiny BERT): evaluation takes 13 / 23 / 35 % of the run at 5 / 10
-/ 20 tasks (moecl; ana 13 / 22 / 36 %; goal 25 % at 20 tasks: FAIL), peak RSS 537-564 MiB, RSS growth 0.2-0.4 MiB per
-task (moecl) and 1.1-1.5 MiB (ana).
+deep features) +92 / +87 / +108 % (the extra base pass); prototypes on shallow features +6.7 / +1.8 / +6.1 % with
+``select()`` itself at 0.91 / 0.25 / 0.06 %; autoencoders on shallow features +4.2 / +13 / -3.9 %, ``select()``
+9.9 / 4.6 / 2.4 %. No selector meets 2 % at every batch size; the selector's own compute does, for prototypes.
+Whole runs (tiny BERT): evaluation takes 7 / 10 / 18.5 % of the run at 5 / 10 / 20 tasks (moecl; ana 7 / 9 / 21 %;
+goal 25 % at 20 tasks: PASS), peak RSS 536-565 MiB, RSS growth 0.2-0.3 MiB per task (moecl) and 1.2-1.6 MiB (ana).
 """
 
 from __future__ import annotations
