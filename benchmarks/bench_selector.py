@@ -14,6 +14,8 @@ splits:
 * ``prototype/deep``       class means of the base model's last hidden state (one extra base pass per forward);
 * ``prototype-lda/deep``   the same class statistics compared through a linear discriminant (a covariance pooled
                            over the tasks, ``selector_scoring="lda"``), the out-of-distribution test unchanged;
+* ``prototype/deep+shallow``  class means of both, each of unit length, side by side (the default; the shallow
+                           part mean-pooled): the same extra pass;
 * ``max-confidence``       one LoRA adapter (and head) per task, the most confident adapter + head wins (one
                            forward per task: its cost is the number of tasks, by construction).
 
@@ -21,7 +23,8 @@ splits:
 
 Columns: task identification (share of eval inputs routed to their own task), task-agnostic Last, task-aware Last
 (the same for every selector of a sequence), out-of-distribution inputs sent to the base model (the other
-sequence's eval texts: another language for ``in_domain``, another domain for ``default``), and the cost of a
+sequence's eval texts: for ``in_domain``, Italian and Spanish quotations and English ones of other topics; for
+``default``, English quotations of other topics), in all and per task of the other sequence, and the cost of a
 ``task_ids="auto"`` forward relative to a forward with the task named (median of repeats, batch 64, 1 thread).
 
 Sequences (``benchmarks/sequences.py``): ``default`` is the embedded en/it/es sequence (tasks differ by language);
@@ -55,6 +58,7 @@ SELECTORS = {
     "prototype/shallow": {"selector": "prototype", "selector_features": "shallow"},
     "prototype/deep": {"selector": "prototype", "selector_features": "deep"},
     "prototype-lda/deep": {"selector": "prototype", "selector_features": "deep", "selector_scoring": "lda"},
+    "prototype/deep+shallow": {"selector": "prototype", "selector_features": "deep+shallow"},
 }
 MAX_CONFIDENCE = "max-confidence"
 
@@ -82,15 +86,19 @@ def refit(schedule: ContinualSchedule, options: dict) -> None:
 
 
 @torch.no_grad()
-def ood_to_base(schedule: ContinualSchedule, others) -> float:
-    model, sent, total = schedule._peft_model, 0, 0
+def ood_to_base(schedule: ContinualSchedule, others) -> dict[str, float]:
+    """The share of the other sequence's eval inputs sent to the base model: per task of it, and ``"all"``."""
+    model, shares, sent_all, total_all = schedule._peft_model, {}, 0, 0
     schedule.classifier.eval()
     for task in others:
+        sent = total = 0
         for batch in schedule._loader(schedule.encode(task, "eval"), False):
             picks = model.predict_tasks({k: v.to(schedule._device()) for k, v in batch.items()})
             sent += sum(p is None for p in picks)
             total += len(picks)
-    return sent / total
+        shares[task.name] = sent / total
+        sent_all, total_all = sent_all + sent, total_all + total
+    return {"all": sent_all / total_all, **shares}
 
 
 @torch.no_grad()
@@ -178,12 +186,18 @@ def main(argv=None) -> None:
 
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = [
-        "| sequence | selector | task id. | task-agnostic Last | task-aware Last | OOD to base | auto / named |",
-        "|---|---|---|---|---|---|---|",
+        "| sequence | selector | task id. | task-agnostic Last | task-aware Last | OOD to base | OOD to base, per task "
+        "| auto / named |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ood = r["ood_to_base"] or {}
         cells = [r["sequence"], r["selector"], pct(r["identification"]), pct(r["agnostic_last"])]
-        cells += [pct(r["aware_last"]), pct(r["ood_to_base"])]
+        cells += [
+            pct(r["aware_last"]),
+            pct(ood.get("all")),
+            " / ".join(f"{k} {pct(v)}" for k, v in ood.items() if k != "all") or "n/a",
+        ]
         cells.append(f"{r['cost']:.2f}" if r["cost"] is not None else f"{len(sequence(r['sequence']))} forwards")
         lines.append("| " + " | ".join(cells) + " |")
     env = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread"

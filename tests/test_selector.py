@@ -191,3 +191,23 @@ def test_shallow_features_stop_the_forward_once_taken():
     model.fit_task_selector("t0", features=torch.cat([features] * 4))
     with torch.no_grad():  # the stopped forwards left no routing state behind
         assert model(input_ids=ids, task_ids="t0").logits.shape == (2, 4, 64)
+
+
+def test_deep_and_shallow_features_are_both_parts_at_unit_length():
+    from tiny_models import tiny_bert
+
+    def features(kind, token="first"):
+        config = MoECLConfig(
+            num_experts=2, r=2, target_modules=["intermediate.dense"], selector_features=kind, routing_token=token
+        )
+        return get_peft_model(tiny_bert(), config).collect_selector_features([batch])
+
+    ids = torch.tensor([[2, 5, 6, 7, 3, 0], [2, 8, 9, 3, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).long()}
+    both = features("deep+shallow")
+    deep, shallow = features("deep"), features("shallow", token="mean")  # the shallow part is always mean-pooled
+    assert both.shape == (2, deep.shape[1] + shallow.shape[1])
+    torch.testing.assert_close(
+        both, torch.cat([deep / deep.norm(dim=1, keepdim=True), shallow / shallow.norm(dim=1, keepdim=True)], 1)
+    )
+    assert not torch.allclose(features("shallow"), shallow)  # alone, it follows routing_token ("first" here)

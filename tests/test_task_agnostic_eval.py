@@ -34,7 +34,7 @@ def trained(out, tokenizer, kind, features="deep"):
     return schedule
 
 
-@pytest.mark.parametrize("features", ["shallow", "deep"])
+@pytest.mark.parametrize("features", ["shallow", "deep", "deep+shallow"])
 def test_kept_features_pick_what_an_auto_forward_picks(tmp_path, tokenizer, features):
     schedule = trained(tmp_path, tokenizer, "classification", features)
     model, picks_forward, picks_kept = schedule._peft_model, [], []

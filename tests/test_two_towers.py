@@ -85,8 +85,9 @@ def test_each_tower_is_its_own_scope(method):
 def test_auto_decides_on_the_image_and_the_text_side_follows(method):
     model = clip_model(method)
     fit_selector(model)
-    # the selector was fitted on the image tower's features (32 wide), not the text tower's (24)
-    assert model.peft_config["default"].selector_feature_dim == 32
+    # the selector was fitted on the image tower's features (deep and shallow halves, 32 wide each), not the text
+    # tower's (24)
+    assert model.peft_config["default"].selector_feature_dim == 2 * 32
     pixel_values = torch.cat([images(0, 2, seed=11), images(1, 2, seed=12)])
     picks = model.predict_tasks({"pixel_values": pixel_values})
     features = model.collect_selector_features([{"pixel_values": pixel_values}])

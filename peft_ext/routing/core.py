@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -104,6 +105,14 @@ def deep_features(output: Any, attention_mask: Optional[torch.Tensor]) -> torch.
             "use selector_features='shallow'."
         )
     return pool_tokens(hidden, "mean", attention_mask)
+
+
+def deep_and_shallow(deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
+    """``selector_features="deep+shallow"``: the deep features ``(batch, F)`` and the mean-pooled input of the first
+    routed layer ``(batch, F')``, each scaled to unit length, side by side ``(batch, F + F')``. A cosine on them is the
+    mean of the two cosines: the deep part tells topics apart, the shallow one (close to the tokens) tells another
+    language or vocabulary."""
+    return torch.cat([F.normalize(deep.float(), dim=-1), F.normalize(shallow.float(), dim=-1)], dim=-1)
 
 
 def with_hidden_states(module: nn.Module, kwargs: dict, **extra: Any) -> dict:
@@ -234,7 +243,7 @@ class RoutingState:
         self.requested: TaskIds = None  # what the caller asked for (None: the active task)
         self.scopes: list[str] = [WHOLE_MODEL_SCOPE]  # primary first
         self.selector: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None  # (adapter, x) -> (batch,)
-        self.deep_features: dict[str, bool] = {}  # adapter -> its selector reads the base model's last hidden state
+        self.selector_features: dict[str, str] = {}  # adapter -> what its selector reads (SELECTOR_FEATURES)
         self._pending: dict[str, torch.Tensor] = {}  # scope -> deep features of its current forward's inputs
         self._base_pass = False  # True inside the extra base-model pass that computes deep features
         # (adapter, scope) -> the decision of the scope's latest forward and the request it answers
@@ -284,7 +293,7 @@ class RoutingState:
             scope == self.primary_scope
             and isinstance(self.requested, str)
             and self.requested == AUTO_TASK
-            and any(self.deep_features.values())
+            and any(kind != "shallow" for kind in self.selector_features.values())
             and not self._base_pass
         )
 
@@ -348,15 +357,18 @@ class RoutingState:
         if requested == AUTO_TASK:
             if self.selector is None:
                 raise ValueError("task_ids='auto' needs a fitted task selector; call fit_task_selector(...) first.")
-            if self.deep_features.get(adapter_name):
+            kind = self.selector_features.get(adapter_name, "shallow")
+            if kind == "shallow":
+                pooled = pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask(scope))
+            else:
                 pooled = self._pending.get(scope)
                 if pooled is None or pooled.shape[0] != batch:
                     raise ValueError(
-                        f"selector_features='deep' needs the {scope or 'model'} forward's own inputs; this layer was "
-                        "reached another way."
+                        f"selector_features={kind!r} needs the {scope or 'model'} forward's own inputs; this layer "
+                        "was reached another way."
                     )
-            else:
-                pooled = pool_tokens(x, self.routing_token.get(adapter_name, "first"), self.attention_mask(scope))
+                if kind == "deep+shallow":  # x is what the base pass's first routed layer saw too
+                    pooled = deep_and_shallow(pooled, pool_tokens(x, "mean", self.attention_mask(scope)))
             # read on the host once per forward: a batch the selector sends to one task (or to the base model) then
             # runs every layer's one-task path, as when that task is named
             return RoutingDecision.selected_by(self.selector(adapter_name, pooled).to(device))
@@ -451,6 +463,7 @@ __all__ = [
     "RoutingState",
     "TaskIds",
     "check_task_ids",
+    "deep_and_shallow",
     "deep_features",
     "find_scopes",
     "forward_inputs",

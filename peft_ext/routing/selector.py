@@ -5,10 +5,12 @@ distribution of that task's inputs. At inference without a task id (``task_ids="
 reconstructs the input's features; the task whose autoencoder does best wins, and when even the winner's error is
 above that task's threshold the sample bypasses all adapters (task index ``-1``: the untouched base model).
 
-Features. The pooled input (``routing_token``: first / mean / last token) of the *first routed layer* of the primary
-scope (:mod:`~peft_ext.routing.core`; the image tower of CLIP), captured by a forward pre-hook while the model runs
-as the base model, i.e. a frozen base-model feature. At inference the first routed layer's input is the same tensor
-(no adapter runs before it), so the selector costs only its own autoencoders, no extra model pass. Each
+Features. The paper's (``selector_features="shallow"``): the pooled input (``routing_token``: first / mean / last
+token) of the *first routed layer* of the primary scope (:mod:`~peft_ext.routing.core`; the image tower of CLIP),
+captured by a forward pre-hook while the model runs as the base model, i.e. a frozen base-model feature. At
+inference the first routed layer's input is the same tensor (no adapter runs before it), so the selector costs only
+its own autoencoders, no extra model pass. ``"deep"`` reads the base model's mean-pooled last hidden state instead
+(one extra base pass per ``"auto"`` forward), ``"deep+shallow"`` (the default) both. Each
 task's features are standardized with that task's mean/std and squashed by a sigmoid (the paper feeds
 sigmoid-squashed CNN features), so an input from another distribution lands far out and reconstructs badly.
 
@@ -52,14 +54,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .core import AUTO_TASK, BASE_MODEL_TASK, deep_features, pool_tokens, with_hidden_states
+from .core import AUTO_TASK, BASE_MODEL_TASK, deep_and_shallow, deep_features, pool_tokens, with_hidden_states
 from .prototypes import SCORING, PrototypeSelector, fit_prototypes
 from .tasks import check_task_name, eval_mode
 
 
 SELECTOR_COMPARE = ("normalized", "raw")
 SELECTOR_KINDS = ("autoencoder", "prototype")
-SELECTOR_FEATURES = ("shallow", "deep")
+SELECTOR_FEATURES = ("shallow", "deep", "deep+shallow")
 
 
 class _FeaturesTaken(Exception):
@@ -83,11 +85,13 @@ class SelectorConfigMixin:
         },
     )
     selector_features: str = field(
-        default="deep",
+        default="deep+shallow",
         metadata={
-            "help": "What the selector reads: 'shallow', the input of the first routed layer (no extra cost), or "
+            "help": "What the selector reads: 'shallow', the input of the first routed layer (no extra cost); "
             "'deep', the frozen base model's last hidden state, mean-pooled (one extra base-model pass per "
-            "task_ids='auto' forward).",
+            "task_ids='auto' forward); or 'deep+shallow', both (the shallow part mean-pooled), each of unit length, "
+            "side by side: the same extra pass, better at telling tasks apart and at sending inputs of another "
+            "language to the base model.",
             "choices": list(SELECTOR_FEATURES),
         },
     )
@@ -428,7 +432,7 @@ class TaskSelectorMixin:
         if config.selector_tasks and adapter_name not in store:
             store[adapter_name] = self._new_selector(config, config.selector_feature_dim, rebuild=True)
         self.routing.selector = self._select_for_routing
-        self.routing.deep_features[adapter_name] = config.selector_features == "deep"
+        self.routing.selector_features[adapter_name] = config.selector_features
 
     def _new_selector(self, config, feature_dim: int, rebuild: bool = False) -> nn.Module:
         """An empty selector of the config's kind, or (``rebuild``) one shaped like the config's fitted tasks."""
@@ -506,52 +510,57 @@ class TaskSelectorMixin:
     ) -> torch.Tensor:
         """The selector's features of every sample of ``batches`` (dicts of model inputs) -> ``(N, F)`` float32,
         with the model running as the base model (``task_ids="none"``) in eval mode (modes restored afterwards):
-        the pooled input of the primary scope's first routed layer (``selector_features="shallow"``), or the
-        mean-pooled last hidden state of the primary scope (``"deep"``)."""
+        the pooled input of the primary scope's first routed layer (``selector_features="shallow"``), the
+        mean-pooled last hidden state of the primary scope (``"deep"``), or both (``"deep+shallow"``,
+        :func:`~peft_ext.routing.core.deep_and_shallow`). Shallow features alone end each forward once taken."""
         name = self._continual_adapter(adapter_name)
         scope = self.routing.primary_scope
         layers = self._routed_layers(scope)
         if not layers:
             raise ValueError("The model has no adapted layer to take selector features from.")
-        deep = self.peft_config[name].selector_features == "deep"
-        mode = self.routing.routing_token.get(name, "first")
-        captured: list[torch.Tensor] = []
-        state = {"taken": False}  # one capture per forward
+        kind = self.peft_config[name].selector_features
+        deep, shallow = kind != "shallow", kind != "deep"
+        # alone, the shallow part is pooled as the routers pool; beside the deep part, always by the mean
+        mode = self.routing.routing_token.get(name, "first") if kind == "shallow" else "mean"
+        module = self.model if scope == "" else getattr(self.model, scope)
+        parts: dict[str, list[torch.Tensor]] = {"deep": [], "shallow": []}
+        taken: dict[str, bool] = {}  # one capture of each part per forward
 
         def capture_input(layer, args, kwargs):  # shallow: the first routed layer that runs
-            if not state["taken"]:
-                state["taken"] = True
+            if not taken.get("shallow"):
+                taken["shallow"] = True
                 x = layer.routing_input(args, kwargs)
                 mask = self.routing.attention_mask(layer.routing_scope)
-                captured.append(pool_tokens(x, mode, mask).detach().float().reshape(x.shape[0], -1))
-                raise _FeaturesTaken  # the rest of the forward cannot change them: stop it (a deep LLM: ~all of it)
+                parts["shallow"].append(pool_tokens(x, mode, mask).detach().float().reshape(x.shape[0], -1))
+                if not deep:
+                    raise _FeaturesTaken  # the rest of the forward cannot change them: stop it (an LLM: ~all of it)
 
         def capture_output(module, args, kwargs, output):  # deep: what the scope's module returns
-            if not state["taken"]:
-                state["taken"] = True
-                captured.append(deep_features(output, self.routing.attention_mask(scope)).detach().float())
+            if not taken.get("deep"):
+                taken["deep"] = True
+                parts["deep"].append(deep_features(output, self.routing.attention_mask(scope)).detach().float())
 
-        if deep:
-            module = self.model if scope == "" else getattr(self.model, scope)
-            handles = [module.register_forward_hook(capture_output, with_kwargs=True)]
-        else:
-            handles = [m.register_forward_pre_hook(capture_input, with_kwargs=True) for m in layers]
+        handles = [module.register_forward_hook(capture_output, with_kwargs=True)] if deep else []
+        if shallow:
+            handles += [m.register_forward_pre_hook(capture_input, with_kwargs=True) for m in layers]
         try:
             with eval_mode(self.model), self.route(BASE_MODEL_TASK):
                 for batch in batches:
-                    state["taken"] = False
+                    taken.clear()
                     try:
                         self.run_inputs(with_hidden_states(module, batch) if deep else batch)
                     except _FeaturesTaken:
                         pass
-                    if not state["taken"]:
+                    if shallow and not taken.get("shallow"):
                         raise ValueError("No adapted layer saw the batch's input; cannot take selector features.")
         finally:
             for h in handles:
                 h.remove()
-        if not captured:
+        if not parts["deep" if deep else "shallow"]:
             raise ValueError("fit_task_selector got no batches.")
-        return torch.cat(captured, dim=0)
+        if kind == "deep+shallow":
+            return deep_and_shallow(torch.cat(parts["deep"]), torch.cat(parts["shallow"]))
+        return torch.cat(parts["deep" if deep else "shallow"], dim=0)
 
     def _selector_features(self, name: str, batches, features: Optional[torch.Tensor]) -> torch.Tensor:
         config = self.peft_config[name]
