@@ -27,6 +27,12 @@ sequence's eval texts: for ``in_domain``, Italian and Spanish quotations and Eng
 ``default``, English quotations of other topics), in all and per task of the other sequence, and the cost of a
 ``task_ids="auto"`` forward relative to a forward with the task named (median of repeats, batch 64, 1 thread).
 
+``--choose`` picks the selector's features and quantile without the eval rows, on frozen features alone (no
+training; a few minutes): for every feature kind and ``selector_quantile``, prototypes fitted on 80 % of each task's
+training rows (seeded) are scored on the other 20 % (identification) and on the other sequence's *training* rows
+(sent to the base model): the validation figures; then fitted on all training rows and scored on the eval splits:
+the test figures, reported beside them.
+
 Sequences (``benchmarks/sequences.py``): ``default`` is the embedded en/it/es sequence (tasks differ by language);
 ``in_domain`` is the four English topic tasks of ``trainers/data/zero_shot`` run as classification (tasks differ
 by topic only).
@@ -127,6 +133,99 @@ def agnostic(schedule: ContinualSchedule) -> tuple[float, float]:
     return sum(accs) / len(accs), right / total
 
 
+FEATURE_KINDS = ("shallow", "deep", "deep+shallow")  # --choose
+QUANTILES = (0.99, 0.97, 0.95, 0.9)
+
+
+def selector_model(tasks, model_path: str, **options):
+    """An untrained MoE-CL model (preset ``moecl-bert`` with ``options``) over ``tasks``: its selector is what is
+    measured, and a selector reads the frozen base model only."""
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    from peft_ext.hub_configs import load_preset
+
+    config = load_preset("moecl-bert", **options)
+    config.task_names = [t.name for t in tasks]
+    return get_peft_model(AutoModel.from_pretrained(model_path).eval(), config)
+
+
+@torch.no_grad()
+def frozen_features(tasks, kind: str, tokenizer, model_path: str) -> dict[tuple[str, str], tuple]:
+    """``(task, split) -> (selector features (N, F), label ids)`` of every task's train and eval rows."""
+    model, out = selector_model(tasks, model_path, selector_features=kind), {}
+    for task in tasks:
+        for split, rows in (("train", task.train), ("eval", task.eval)):
+            texts = [str(t) for t in rows[task.text_column]]
+            batches = [
+                dict(tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                for i in range(0, len(texts), 64)
+            ]
+            out[(task.name, split)] = (
+                model.collect_selector_features(batches),
+                task.label_ids(rows[task.label_column]),
+            )
+    return out
+
+
+def choose(names: list[str], tokenizer, model_path: str, seed: int) -> list[dict]:
+    """The ``--choose`` rows: per sequence, feature kind and quantile, validation and test figures."""
+    import random
+
+    seqs = {name: sequence(name) for name in ("in_domain", "default")}
+    rows = []
+    for kind in FEATURE_KINDS:
+        feats = {
+            k: v for tasks in seqs.values() for k, v in frozen_features(tasks, kind, tokenizer, model_path).items()
+        }
+        for name in names:
+            tasks, others = seqs[name], seqs["default" if name == "in_domain" else "in_domain"]
+            for quantile in QUANTILES:
+                row = dict(sequence=name, features=kind, quantile=quantile)
+                for phase in ("validation", "test"):
+                    model, scored = (
+                        selector_model(tasks, model_path, selector_features=kind, selector_quantile=quantile),
+                        [],
+                    )
+                    for task in tasks:
+                        x, labels = feats[(task.name, "train")]
+                        order = list(range(len(labels)))
+                        random.Random(seed).shuffle(order)
+                        cut = int(0.8 * len(order)) if phase == "validation" else len(order)
+                        model.fit_task_selector(
+                            task.name, features=x[order[:cut]], labels=torch.tensor(labels)[order[:cut]]
+                        )
+                        scored.append(
+                            (task.name, x[order[cut:]] if phase == "validation" else feats[(task.name, "eval")][0])
+                        )
+                    picks = [(name_, p) for name_, x in scored for p in model.predict_tasks(features=x)]
+                    row[f"{phase}_identification"] = sum(p == t for t, p in picks) / len(picks)
+                    split = "train" if phase == "validation" else "eval"
+                    row[f"{phase}_ood"] = {
+                        t.name: sum(p is None for p in model.predict_tasks(features=feats[(t.name, split)][0]))
+                        / len(feats[(t.name, split)][1])
+                        for t in others
+                    }
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def choose_table(rows: list[dict]) -> str:
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    ood = lambda d: " / ".join(f"{k} {pct(v)}" for k, v in d.items())  # noqa: E731
+    lines = [
+        "| sequence | features | quantile | validation: task id. | validation: sent to the base model | test: task id. "
+        "| test: sent to the base model |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["sequence"], r["features"], f"{r['quantile']:.2f}", pct(r["validation_identification"])]
+        cells += [ood(r["validation_ood"]), pct(r["test_identification"]), ood(r["test_ood"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequences", default="in_domain,default")
@@ -134,6 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--selectors", default=",".join([*SELECTORS, MAX_CONFIDENCE]), help="Variants to run.")
     parser.add_argument("--output-dir", default="outputs/bench_selector")
+    parser.add_argument("--choose", action="store_true", help="Feature kinds and quantiles on validation splits.")
     args = parser.parse_args(argv)
     chosen = args.selectors.split(",")
     unknown = set(chosen) - {*SELECTORS, MAX_CONFIDENCE}
@@ -144,6 +244,14 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.choose:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = choose(args.sequences.split(","), tokenizer, model_path, args.seed)
+        (out / "choose.json").write_text(json.dumps(rows, indent=2) + "\n")
+        text = choose_table(rows) + f"\n\nSeed {args.seed}; {platform.processor() or platform.machine()}.\n"
+        (out / "choose.md").write_text(text)
+        print("\n" + text)
+        return
     rows = []
     for name in args.sequences.split(","):
         tasks = sequence(name)
