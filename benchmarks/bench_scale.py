@@ -34,10 +34,10 @@ What is measured and how:
   documented formula ``task_parameter_count``.
 * ``selector``: MoE-CL at the largest task count with every task's selector entry fitted (the last task's on the
   timed inputs' own features, the others on shifted random features), a ``task_ids="auto"`` forward against a
-  forward with the last task named, for the default selector (prototypes of *deep* features: one extra base-model
-  pass per auto forward), prototypes of *shallow* features (the first routed layer's input, captured during the
-  forward: no extra pass) and the paper's autoencoders on shallow features. Also the selector's own compute
-  (``select`` on pooled features ``(B, 384)``) as a share of the forward.
+  forward with the last task named, for prototypes of *deep* features (one extra base-model pass per auto forward,
+  the cost of the default ``deep+shallow`` too), prototypes of *shallow* features (the first routed layer's input,
+  captured during the forward: no extra pass) and the paper's autoencoders on shallow features. Also the selector's
+  own compute (``select`` on pooled features ``(B, 384)``) as a share of the forward.
 * ``run``: whole ``ContinualSchedule`` runs of 5, 10 and 20 tasks (``--run-methods``, default moecl; the ``*-bert``
   presets) over the synthetic keyword tasks of ``trainers/testing.py`` repeated under new names (96 train / 48
   eval rows each: the embedded sequence's 2:1 ratio), 3 epochs, the schedule's default batch sizes, on a random
@@ -64,21 +64,21 @@ matrix evaluation <= 25 % of a 20-task run's time. Time ratios are checked at ev
 needs all of them).
 
 Measured (``benchmarks/results/bench_scale_cpu.md``, latest run: CPU, 2 cores, 1 thread, the defaults plus
-``--run-methods moecl,ana``, 510 s; best-of-5 ratios move by 10-20 % between runs there). Forward / LoRA r=8, batch
-1 / 8 / 64: AnA at 30 tasks 1.85 / 1.50 / 1.16 dense and 1.99 / 1.24 / 1.03 with ``gate_top_k=2`` (goal 1.15: met at
-batch 64 only; at batch 1, 64 tokens, the sparse dispatch's ~20 small operations per layer cost more than its
-arithmetic), at 100 tasks 2.7 / 2.4 dense and 2.1 / 1.5 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240
-1.29 / 1.15 / 1.08 (a per-layer cost that does not grow with the batch: the gate, and the version sums that validate
-the cached paths). Train step / LoRA r=8 at 100 tasks 5.5 (batch 1) and 3.7 / 2.6 (batch 8, dense / top-2). MoE-CL
-does not grow with the task count: 100 tasks / 1 task 1.01 / 1.05 forward (PASS), 0.78 / 0.94 train step. Adapter
-parameters at 100 tasks: AnA 117.3 M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per task and layer, are
-quadratic in T), 2.17 M trainable (4.3 M AdamW floats); MoE-CL 4.9 M, 36,864 trainable (only the router once the
-8 experts are frozen). Selector at 100 tasks, ``auto`` vs the task named, batch 1 / 8 / 64: default (prototypes on
-deep features) +92 / +87 / +108 % (the extra base pass); prototypes on shallow features +6.7 / +1.8 / +6.1 % with
-``select()`` itself at 0.91 / 0.25 / 0.06 %; autoencoders on shallow features +4.2 / +13 / -3.9 %, ``select()``
-9.9 / 4.6 / 2.4 %. No selector meets 2 % at every batch size; the selector's own compute does, for prototypes.
-Whole runs (tiny BERT): evaluation takes 7 / 10 / 18.5 % of the run at 5 / 10 / 20 tasks (moecl; ana 7 / 9 / 21 %;
-goal 25 % at 20 tasks: PASS), peak RSS 536-565 MiB, RSS growth 0.2-0.3 MiB per task (moecl) and 1.2-1.6 MiB (ana).
+``--run-methods moecl,ana``, 510 s; best-of-5 ratios move by 10-20 % between runs there). Forward / LoRA r=8, batch 1 /
+8 / 64: AnA at 30 tasks 1.85 / 1.50 / 1.16 dense and 1.99 / 1.24 / 1.03 with ``gate_top_k=2`` (goal 1.15: met at batch
+64 only; at batch 1, 64 tokens, the sparse dispatch's ~20 small operations per layer cost more than its arithmetic), at
+100 tasks 2.7 / 2.4 dense and 2.1 / 1.5 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240 1.29 / 1.15 / 1.08 (a
+per-layer cost that does not grow with the batch: the gate, and the version sums that validate the cached paths). Train
+step / LoRA r=8 at 100 tasks 5.5 (batch 1) and 3.7 / 2.6 (batch 8, dense / top-2). MoE-CL does not grow with the task
+count: 100 tasks / 1 task 1.01 / 1.05 forward (PASS), 0.78 / 0.94 train step. Adapter parameters at 100 tasks: AnA 117.3
+M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per task and layer, are quadratic in T), 2.17 M trainable (4.3 M AdamW
+floats); MoE-CL 4.9 M, 36,864 trainable (only the router once the 8 experts are frozen). Selector at 100 tasks, ``auto``
+vs the task named, batch 1 / 8 / 64: prototypes on deep features (the extra base pass of the default too) +92 / +87 /
++108 %; prototypes on shallow features +6.7 / +1.8 / +6.1 % with ``select()`` itself at 0.91 / 0.25 / 0.06 %;
+autoencoders on shallow features +4.2 / +13 / -3.9 %, ``select()`` 9.9 / 4.6 / 2.4 %. No selector meets 2 % at every
+batch size; the selector's own compute does, for prototypes. Whole runs (tiny BERT): evaluation takes 7 / 10 / 18.5 % of
+the run at 5 / 10 / 20 tasks (moecl; ana 7 / 9 / 21 %; goal 25 % at 20 tasks: PASS), peak RSS 536-565 MiB, RSS growth
+0.2-0.3 MiB per task (moecl) and 1.2-1.6 MiB (ana).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ MINILM = dict(
 )
 MINILM_VOCAB = 30522
 SELECTOR_VARIANTS = {  # name -> (selector, selector_features)
-    "prototype/deep (default)": ("prototype", "deep"),
+    "prototype/deep": ("prototype", "deep"),
     "prototype/shallow": ("prototype", "shallow"),
     "autoencoder/shallow": ("autoencoder", "shallow"),
 }
