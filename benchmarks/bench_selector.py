@@ -98,8 +98,8 @@ def ood_to_base(schedule: ContinualSchedule, others) -> dict[str, float]:
     schedule.classifier.eval()
     for task in others:
         sent = total = 0
-        for batch in schedule._loader(schedule.encode(task, "eval"), False):
-            picks = model.predict_tasks({k: v.to(schedule._device()) for k, v in batch.items()})
+        for batch in schedule._loader(schedule.encode(task, "eval")):
+            picks = model.predict_tasks(schedule._model_inputs(batch))
             sent += sum(p is None for p in picks)
             total += len(picks)
         shares[task.name] = sent / total
@@ -111,7 +111,7 @@ def ood_to_base(schedule: ContinualSchedule, others) -> dict[str, float]:
 def auto_cost(schedule: ContinualSchedule, repeats: int = 7) -> float:
     """Seconds of a task_ids="auto" forward / seconds of a forward with the task named (same batch)."""
     model, task = schedule._peft_model, schedule.tasks[-1]
-    batch = next(iter(schedule._loader(schedule.encode(task, "eval"), False)))
+    batch = schedule._eval_batches(task)[0]
     times = {"auto": [], task.name: []}
     model.eval()
     for _ in range(repeats):

@@ -466,12 +466,10 @@ class ContinualSchedule:
                 self._encoded[key] = Dataset.from_dict({**enc, "labels": task.label_ids(ds[task.label_column])})
         return self._encoded[key]
 
-    def _loader(self, encoded: Dataset, with_labels: bool) -> DataLoader:
-        cols = [c for c in encoded.column_names if with_labels or c != "labels"]
-        rows = encoded.select_columns(cols)
+    def _loader(self, encoded: Dataset) -> DataLoader:
         # Similar lengths per batch: less padding (the order does not change accuracies or the selector's fit).
         lengths = [len(ids) for ids in encoded["input_ids"]]
-        rows = rows.select(sorted(range(len(rows)), key=lengths.__getitem__))
+        rows = encoded.select(sorted(range(len(encoded)), key=lengths.__getitem__))
         return DataLoader(
             rows, batch_size=self.args.per_device_eval_batch_size, shuffle=False, collate_fn=self.collator
         )
@@ -486,23 +484,25 @@ class ContinualSchedule:
     def _device(self) -> torch.device:
         return next(self.classifier.parameters()).device
 
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated batch without its ``labels``, on the model's device."""
+        device = self._device()
+        return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
     def _prompt_batches(self, task: Task, split: str) -> list[dict[str, torch.Tensor]]:
         """generation: ``task``'s prompts alone (what a generation's first forward sees) as model-input batches."""
         prompts = self._split(task, split)[task.prompt_column]
         rows = Dataset.from_dict(encode_prompts(self.tokenizer, prompts, self.max_length, task=task.name))
         loader = DataLoader(rows, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collator)
-        return [{k: v.to(self._device()) for k, v in batch.items()} for batch in loader]
+        return [self._model_inputs(batch) for batch in loader]
 
     def _input_batches(self, task: Task) -> tuple[list[dict[str, torch.Tensor]], Optional[torch.Tensor]]:
         """``task``'s training inputs as model-input batches (on the model's device), and their label ids ``(N,)``
         in the same order (None for generation: its inputs are the prompts)."""
         if self.kind == GENERATION:
             return self._prompt_batches(task, "train"), None
-        device, batches, labels = self._device(), [], []
-        for batch in self._loader(self.encode(task, "train"), True):
-            labels.append(batch.pop("labels"))
-            batches.append({k: v.to(device) for k, v in batch.items()})
-        return batches, torch.cat(labels)
+        batches = self._labelled_batches(task, "train")
+        return [self._model_inputs(b) for b in batches], torch.cat([b["labels"] for b in batches])
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -545,7 +545,7 @@ class ContinualSchedule:
         """classification, zero_shot: the predicted class ids and the label ids ``(N,)`` of ``task``'s ``split``
         (its head's classes, or its class prompts), in :meth:`_loader`'s order, under ``task``'s own route or
         ``route``."""
-        clf, device = self.classifier, self._device()
+        clf = self.classifier
         self._eval_mode()
         own_route = route is None
         # zero_shot: prompt embeddings are cached per route the classifier can see; one it cannot (disabled
@@ -555,8 +555,8 @@ class ContinualSchedule:
         with self.strategy.route(clf.encoder, task.name) if own_route else route:
             for batch in self._labelled_batches(task, split, limit):
                 labels.append(batch["labels"])
-                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                predicted.append(clf.logits(clf.features(**batch), task.name, **logit_kwargs).argmax(-1).cpu())
+                features = clf.features(**self._model_inputs(batch))
+                predicted.append(clf.logits(features, task.name, **logit_kwargs).argmax(-1).cpu())
         return torch.cat(predicted), torch.cat(labels)
 
     def _labelled_batches(self, task: Task, split: str = "eval", limit: Optional[int] = None) -> list[dict]:
@@ -564,9 +564,9 @@ class ContinualSchedule:
         in :meth:`_loader`'s order. The eval split's are built once per run: every row of the matrix reads them
         again, and collating through ``datasets`` costs more than a small model's forward."""
         if split != "eval" or limit is not None:
-            return list(self._loader(self.encode(task, split, limit), True))
+            return list(self._loader(self.encode(task, split, limit)))
         if task.name not in self._eval_inputs:
-            self._eval_inputs[task.name] = list(self._loader(self.encode(task, "eval"), True))
+            self._eval_inputs[task.name] = list(self._loader(self.encode(task, "eval")))
         return self._eval_inputs[task.name]
 
     def _eval_labels(self, task: Task) -> list:
@@ -631,8 +631,7 @@ class ContinualSchedule:
         (generation: the prompts alone)."""
         if self.kind == GENERATION:
             return self._prompt_batches(task, "eval")
-        device = self._device()
-        return [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in self._labelled_batches(task)]
+        return [self._model_inputs(b) for b in self._labelled_batches(task)]
 
     def _selector_inputs(self, task: Task) -> list[torch.Tensor]:
         """The task selector's features ``(B, F)`` of each of :meth:`_eval_batches`. They are the untouched base
@@ -715,12 +714,11 @@ class ContinualSchedule:
 
     def _inferred_task_agnostic(self, task: Task, seen: list[str]) -> tuple[float, int, int, int]:
         """classification: :meth:`evaluate_task_agnostic` through the strategy's ``infer_tasks``."""
-        clf, device = self.classifier, self._device()
+        clf = self.classifier
         correct = picked = to_base = total = 0
         for batch in self._labelled_batches(task):
             labels = batch["labels"].tolist()
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            names, preds = self.strategy.infer_tasks(clf, batch, seen)
+            names, preds = self.strategy.infer_tasks(clf, self._model_inputs(batch), seen)
             for name, pred, gold in zip(names, preds.tolist(), labels):
                 predicted = clf.labels[name][pred] if name is not None and pred >= 0 else None
                 correct += int(predicted == task.labels[gold])
