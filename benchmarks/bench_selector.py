@@ -26,6 +26,9 @@ Columns: task identification (share of eval inputs routed to their own task), ta
 sequence's eval texts: for ``in_domain``, Italian and Spanish quotations and English ones of other topics; for
 ``default``, English quotations of other topics), in all and per task of the other sequence, and the cost of a
 ``task_ids="auto"`` forward relative to a forward with the task named (median of repeats, batch 64, 1 thread).
+Issue #15's goals on ``in_domain`` are printed as PASS/FAIL per selector (:func:`goal_lines`); the selector's cost is
+``auto / named - 1``, held to 5 % of the forward on shallow features and to 1.1x the forward where the selector
+needs the extra base pass (the deep kinds).
 
 ``--choose`` picks the selector's features and quantile without the eval rows, on frozen features alone (no
 training; a few minutes): for every feature kind and ``selector_quantile``, prototypes fitted on 80 % of each task's
@@ -211,6 +214,34 @@ def choose(names: list[str], tokenizer, model_path: str, seed: int) -> list[dict
     return rows
 
 
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Issue #15's goals on the in-domain sequence, PASS/FAIL per selector: identification >= 85 %, task-agnostic
+    Last within 5 points of task-aware Last, out-of-distribution inputs to the base model >= 90 %, and the selector's
+    cost (auto / named - 1) <= 5 % of the forward on shallow features, <= 1.1x the forward with the extra base pass
+    of the deep kinds."""
+    out = []
+    for r in (r for r in rows if r["sequence"] == "in_domain" and r["cost"] is not None):
+        extra_pass = "deep" in r["selector"].split("/")[-1]
+        limit = 1.1 if extra_pass else 0.05
+        checks = [
+            (f"task id. {100 * r['identification']:.1f}% >= 85", r["identification"] >= 0.85),
+            (
+                f"task-agnostic Last {100 * (r['aware_last'] - r['agnostic_last']):.1f} points below task-aware <= 5",
+                r["aware_last"] - r["agnostic_last"] <= 0.05,
+            ),
+            (f"OOD to base {100 * r['ood_to_base']['all']:.1f}% >= 90", r["ood_to_base"]["all"] >= 0.90),
+            (
+                f"selector cost {r['cost'] - 1:.2f}x the forward <= 1.1x"
+                if extra_pass
+                else f"selector cost {100 * (r['cost'] - 1):.1f}% of the forward <= 5%",
+                r["cost"] - 1 <= limit,
+            ),
+        ]
+        cells = ", ".join(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in checks)
+        out.append(f"- in_domain, {r['selector']}: {cells}")
+    return out
+
+
 def choose_table(rows: list[dict]) -> str:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     ood = lambda d: " / ".join(f"{k} {pct(v)}" for k, v in d.items())  # noqa: E731
@@ -309,7 +340,10 @@ def main(argv=None) -> None:
         cells.append(f"{r['cost']:.2f}" if r["cost"] is not None else f"{len(sequence(r['sequence']))} forwards")
         lines.append("| " + " | ".join(cells) + " |")
     env = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread"
+    goals = goal_lines(rows)
     text = "\n".join(lines) + f"\n\nSetting: MoE-CL preset moecl-bert, epochs {args.epochs}, seed {args.seed}; {env}.\n"
+    if goals:
+        text += "\nGoals (issue #15):\n\n" + "\n".join(goals) + "\n"
     (out / "bench.md").write_text(text)
     print("\n" + text)
 

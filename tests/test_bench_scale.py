@@ -95,3 +95,20 @@ def test_goal_verdicts(bench):
     assert verdict["MoE-CL forward at 100 tasks / at 1 task <= 1.05"] == "FAIL"  # batch 64 misses it
     assert verdict["DDAS overhead at 100 tasks <= 2% of the forward, shallow"] == "PASS"
     assert verdict["moecl 20-task run"] == "FAIL"
+
+
+def test_selector_overhead_is_the_median_ratio_within_rounds(bench, env, monkeypatch):
+    # rounds of (named, auto) forwards: (9.0, 10.1), (10.0, 10.1), (10.0, 9.5) ms. Best / best is 9.5 / 9.0
+    # (+5.6 %, the two fastest from different rounds); the ratios within rounds 1.12 / 1.01 / 0.95 (median +1 %)
+    times = {"task": [0.0090, 0.0100, 0.0100], "auto": [0.0101, 0.0101, 0.0095], "select": [1e-4] * 3}
+
+    def fake_round_robin(fns, env, repeats):
+        return {key: list(times[key[1]]) for key in fns}
+
+    monkeypatch.setattr(bench, "round_robin", fake_round_robin)
+    monkeypatch.setattr(bench, "SELECTOR_VARIANTS", {"prototype/shallow": ("prototype", "shallow")})
+    out = bench.time_selector(3, [2], env, lambda msg: None, base=make_tiny_bert())
+    r = out["prototype/shallow"][2]
+    assert r["overhead"] == pytest.approx(0.0101 / 0.0100 - 1)
+    assert r["overhead_best"] == pytest.approx(0.0095 / 0.0090 - 1)
+    assert r["picked_last_task"] == 1.0
