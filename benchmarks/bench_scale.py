@@ -25,10 +25,11 @@ What is measured and how:
   experts; MoE-CL's earlier tasks ended with activate-freeze counted on a small batch, so all 8 experts are frozen
   from the 4th task on and later tasks train their router only, as in a real run). All models of a batch size are
   timed round-robin in one process (machine load hits all alike), after warm-up calls (CUDA: 3); CUDA timings are
-  bracketed by ``torch.cuda.synchronize()``. The figure is the best of ``--repeats`` rounds. Forward: eval mode,
-  ``no_grad``. Train step: train mode, forward + ``mean(last_hidden_state^2)`` backward + AdamW step over the
-  trainable parameters (the last task's: AnA's task adapter, in-adapters and gate; MoE-CL's router and unfrozen
-  experts; LoRA's A and B).
+  bracketed by ``torch.cuda.synchronize()``. A time is the best of ``--repeats`` rounds; a ratio is the median over
+  the rounds of the ratio within a round (:func:`paired_ratio`: both timings of a round ran under the same load).
+  Forward: eval mode, ``no_grad``. Train step: train mode, forward + ``mean(last_hidden_state^2)`` backward + AdamW
+  step over the trainable parameters (the last task's: AnA's task adapter, in-adapters and gate; MoE-CL's router
+  and unfrozen experts; LoRA's A and B).
 * ``params``: adapter parameters (all tasks), trainable parameters of the current (last) task and AdamW state
   (2 floats per trainable parameter) per method and task count; AnA's trainable count is checked against its
   documented formula ``task_parameter_count``.
@@ -49,9 +50,10 @@ What is measured and how:
   the RSS after each task (growth per task = (last - first) / (T - 1)) and on CUDA
   ``torch.cuda.max_memory_allocated``.
 
-CPU defaults: best of 5 rounds (2 at batch 64); batch 64 is not timed for the 100-task models' forwards nor for any
-train step (one base forward of 64 x 64 tokens takes 2-3 s on one thread): those ratios come from a GPU run, or
-from ``--full``. On CUDA everything is timed, best of 20 rounds. Building the models is CPU work on either device,
+CPU defaults: 5 rounds (2 at batch 64; the selector's 15 and 5: a few percent is what it measures); batch 64 is not
+timed for the 100-task models' forwards nor for any train step (one base forward of 64 x 64 tokens takes 2-3 s on
+one thread): those ratios come from a GPU run, or from ``--full``. On CUDA everything is timed, 20 rounds (the
+selector's 60). Building the models is CPU work on either device,
 about 3 minutes on the CPU below: 1.5-2 minutes of it AnA's 100-task model (its construction is quadratic in the
 task count: ``t`` in-adapter modules per task, 118,800 ``nn.Linear`` at 100 tasks), about 1 minute the four
 100-task MoE-CL models. Under a hard time limit, ``--parts params,forward,train`` and ``--parts selector,run`` can
@@ -160,6 +162,13 @@ def round_robin(fns: dict[str, Callable[[], Any]], env: Env, repeats: int) -> di
 
 def _best(times: list[float]) -> float:
     return min(times)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over the rounds of ``a[i] / b[i]``: the two timings of a round ran one after the other under the same
+    load from other processes, so their ratio is steadier than ``min(a) / min(b)``, whose minima may come from
+    different rounds."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _inputs(batch: int, env: Env, seed: int = 0, vocab: int = MINILM_VOCAB) -> dict[str, torch.Tensor]:
@@ -386,13 +395,19 @@ def ratio_rows(times: dict, task_counts: list[int]) -> list[dict]:
     """Per (batch, task count): the times in ms and the issue's ratios."""
     rows = []
     for batch, t in times.items():
-        lora = t.get(f"LoRA r={R}", {}).get("best")
-        moe1 = t.get(f"MoE-CL {min(task_counts)}", {}).get("best") if min(task_counts) == 1 else None
+        get = lambda name: t.get(name, {}).get("best")  # noqa: E731
+
+        def div(a: str, b: Optional[str]) -> Optional[float]:  # paired: see paired_ratio
+            return paired_ratio(t[a]["all"], t[b]["all"]) if a in t and b in t else None
+
+        lora_name = f"LoRA r={R}"
+        lora = get(lora_name)
+        moe1 = f"MoE-CL {min(task_counts)}" if min(task_counts) == 1 else None
         for count in task_counts:
-            get = lambda name: t.get(name, {}).get("best")  # noqa: E731
-            floor = get(f"LoRA r={count * R}") if count > 1 else lora
-            dense, top2, moe = get(f"AnA {count} dense"), get(f"AnA {count} top2"), get(f"MoE-CL {count}")
-            div = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+            floor_name = f"LoRA r={count * R}" if count > 1 else lora_name
+            floor = get(floor_name)
+            names = f"AnA {count} dense", f"AnA {count} top2", f"MoE-CL {count}"
+            dense, top2, moe = map(get, names)
             rows.append(
                 {
                     "batch": batch,
@@ -405,12 +420,12 @@ def ratio_rows(times: dict, task_counts: list[int]) -> list[dict]:
                         "ana_top2": 1e3 * top2 if top2 else None,
                         "moecl": 1e3 * moe if moe else None,
                     },
-                    "ana_dense_over_lora": div(dense, lora),
-                    "ana_top2_over_lora": div(top2, lora),
-                    "ana_dense_over_lora_Tr": div(dense, floor),
-                    "lora_Tr_over_lora": div(floor, lora),
-                    "moecl_over_lora": div(moe, lora),
-                    "moecl_over_moecl1": div(moe, moe1),
+                    "ana_dense_over_lora": div(names[0], lora_name),
+                    "ana_top2_over_lora": div(names[1], lora_name),
+                    "ana_dense_over_lora_Tr": div(names[0], floor_name),
+                    "lora_Tr_over_lora": div(floor_name, lora_name),
+                    "moecl_over_lora": div(names[2], lora_name),
+                    "moecl_over_moecl1": div(names[2], moe1),
                 }
             )
     return rows
@@ -425,7 +440,13 @@ def ratio_table(rows: list[dict], kind: str) -> list[str]:
         f"| batch | tasks | LoRA r={R} ms | LoRA r=T*{R} ms | AnA dense ms | AnA top2 ms | MoE-CL ms | "
         f"AnA dense / LoRA{R} | AnA top2 / LoRA{R} | AnA dense / LoRA T*{R} | MoE-CL / LoRA{R} | MoE-CL / MoE-CL@1 |"
     )
-    lines = [f"**{kind}** (best of the rounds; `-`: not timed)", "", head, "|" + "---|" * 12]
+    lines = [
+        f"**{kind}** (times: best of the rounds; ratios: median over the rounds of the ratio within a round; `-`: "
+        "not timed)",
+        "",
+        head,
+        "|" + "---|" * 12,
+    ]
     for r in rows:
         ms = r["ms"]
         cells = [
@@ -569,9 +590,7 @@ def time_selector(num_tasks: int, batch_sizes: list[int], env: Env, log, base=No
             picked = model.routed_tasks()
             t_task, t_auto = _best(times[(variant, "task")]), _best(times[(variant, "auto")])
             t_sel = _best(times[(variant, "select")])
-            # each round times the named and the auto forward one after the other: the ratio within a round sees
-            # the same load from other processes, and the median of those ratios is steadier than best / best
-            paired = statistics.median(a / n for a, n in zip(times[(variant, "auto")], times[(variant, "task")]))
+            paired = paired_ratio(times[(variant, "auto")], times[(variant, "task")])
             out[variant][batch] = {
                 "task_ms": 1e3 * t_task,
                 "auto_ms": 1e3 * t_auto,
