@@ -53,10 +53,9 @@ What is measured and how:
 CPU defaults: 5 rounds (2 at batch 64; the selector's 15 and 5: a few percent is what it measures); batch 64 is not
 timed for the 100-task models' forwards nor for any train step (one base forward of 64 x 64 tokens takes 2-3 s on
 one thread): those ratios come from a GPU run, or from ``--full``. On CUDA everything is timed, 20 rounds (the
-selector's 60). Building the models is CPU work on either device,
-about 3 minutes on the CPU below: 1.5-2 minutes of it AnA's 100-task model (its construction is quadratic in the
-task count: ``t`` in-adapter modules per task, 118,800 ``nn.Linear`` at 100 tasks), about 1 minute the four
-100-task MoE-CL models. Under a hard time limit, ``--parts params,forward,train`` and ``--parts selector,run`` can
+selector's 60). Building the models is CPU work on either device: about 1 minute the four 100-task MoE-CL models
+and 5 s AnA's 100-task model on the CPU below (7,400 modules: each task's in-adapters are two stacked tensors). Under
+a hard time limit, ``--parts params,forward,train`` and ``--parts selector,run`` can
 run as two calls (with two ``--output-dir``).
 
 Goals (issue #17), printed as PASS/FAIL: AnA forward / LoRA r=8 at 30 tasks <= 1.15 with ``gate_top_k=2``; AnA
@@ -246,7 +245,7 @@ def ana_gate_switch(model, k: Optional[int]) -> Callable[[], None]:
     """A function that switches every AnA layer of ``model`` to the dense gate (``k=None``) or to the sparse gate
     of ``k`` paths (what ``AnAConfig.gate_top_k`` sets), so that one model serves both timings. The layers'
     settings are collected here, once: walking ``model.modules()`` per call would be timed with the forward (an AnA
-    model of 100 tasks has about 125,000 modules)."""
+    model of 100 tasks has about 7,400 modules)."""
     settings = [
         entry
         for module in model.modules()

@@ -105,8 +105,8 @@ def _add_hand_task(model, layer):
         t1.up.weight.copy_(torch.tensor([[2.0], [0.0]]))
         t1.up.bias.zero_()
         t1.scale.fill_(1.0)
-        t1.in_adapters[0].weight.fill_(0.5)
-        t1.in_adapters[0].bias.fill_(1.0)
+        t1.in_weight[0].fill_(0.5)
+        t1.in_bias[0].fill_(1.0)
         # logits x @ W_gate = [0, ln 3] for x = [1, 1]  ->  gates [1/4, 3/4]
         t1.gate.copy_(torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]))
         t1.gate_noise.fill_(5.0)  # large noise weights: must not matter in eval mode
@@ -176,19 +176,20 @@ def test_in_adapter_init(init):
     model = get_peft_model(tiny_base(), config, "ta")
     model.add_task("tb")
     layer = model.base_model.model.lin0
-    f = layer.ana_tasks["ta"][1].in_adapters[0]
+    b = layer.ana_tasks["ta"][1]
     a = layer.ana_tasks["ta"][0]
     z = torch.randn(4, 6)
     h = a.down(z)
-    expert = a.scale * a.up(f(h))
+    expert = a.scale * a.up(b.in_adapter(0, h))
     if init == "identity":
         torch.testing.assert_close(expert, a.scale * a.up(h))  # the expert starts as the plain frozen A_0
     elif init == "zero":
         torch.testing.assert_close(expert, (a.scale * a.up.bias).expand(4, -1))
     else:
-        assert not torch.equal(f.weight, torch.eye(8)) and torch.count_nonzero(f.weight) > 0
-        bound = 1 / math.sqrt(8)  # PyTorch's default nn.Linear init range
-        assert f.weight.abs().max() <= bound
+        weight, bias = b.in_weight[0], b.in_bias[0]
+        assert not torch.equal(weight, torch.eye(8)) and torch.count_nonzero(weight) > 0
+        bound = 1 / math.sqrt(8)  # PyTorch's default nn.Linear init range, of the weight and of the bias
+        assert weight.abs().max() <= bound and 0 < bias.abs().max() <= bound
 
 
 def test_init_weights_true_is_identity_and_false_is_not():
@@ -349,7 +350,7 @@ def test_save_load_three_tasks_identical_outputs(tmp_path):
     from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "t0" / "adapter_model.safetensors").keys()
-    assert any(".ana_tasks.2.in_adapters.1.weight" in k for k in keys)
+    assert any(".ana_tasks.2.in_weight" in k for k in keys)
     assert not any(".t0." in k for k in keys)  # no adapter/task names in checkpoint keys
 
     loaded = PeftModel.from_pretrained(tiny_base(), tmp_path / "t0", adapter_name="renamed").eval()

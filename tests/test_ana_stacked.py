@@ -34,7 +34,7 @@ def reference_task_output(self, adapter_name, task_index, x):
     for e in range(task_index + 1):
         h = tasks[e].down(x)
         if e < task_index:
-            h = tasks[task_index].in_adapters[e](h)
+            h = tasks[task_index].in_adapter(e, h)
         out = out + gates[:, e : e + 1] * tasks[e].scale * tasks[e].up(h)
     return out
 
@@ -51,9 +51,9 @@ def multi_task_model(num_tasks: int, **kwargs):
         for layer in ana_layers(model):
             for task in layer.ana_tasks["t0"]:
                 task.scale.uniform_(0.5, 1.5)
-                for f in task.in_adapters:
-                    f.weight.normal_(std=0.5)
-                    f.bias.normal_(std=0.1)
+                if task.in_weight is not None:
+                    task.in_weight.normal_(std=0.5)
+                    task.in_bias.normal_(std=0.1)
     return model, names
 
 
@@ -113,14 +113,15 @@ def test_auto_routing_equals_the_per_path_computation(monkeypatch):
     centers = {"t0": torch.full((6,), -3.0), "t1": torch.full((6,), 3.0), "t2": torch.zeros(6)}
     centers["t1"][::2] = -3.0
 
-    def sample(task, n):
-        return centers[task] + 0.3 * torch.randn(n, 6)
+    def sample(task, n, spread=0.3):
+        return centers[task] + spread * torch.randn(n, 6)
 
     model, names = multi_task_model(3, selector_epochs=30, gate_top_k=2, **ddas)
     for task in names:
         model.fit_task_selector(task, [{"X": sample(task, 64)}, {"X": sample(task, 64)}])
     model.eval()
-    x = torch.cat([sample("t0", 2), sample("t1", 2), sample("t2", 2), torch.full((1, 6), 40.0)])
+    # inputs near their task's center (the thresholds send the outer 1 % of a task's own inputs to the base model)
+    x = torch.cat([*(sample(task, 2, spread=0.1) for task in names), torch.full((1, 6), 40.0)])
     stacked, reference = outputs_both_ways(model, lambda: model(X=x, task_ids="auto"), monkeypatch)
     torch.testing.assert_close(stacked, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stacked, model(X=x, task_ids=["t0"] * 2 + ["t1"] * 2 + ["t2"] * 2 + [None]))
@@ -168,7 +169,7 @@ def test_gate_top_k_one_takes_the_argmax_path():
             e = int(best[n])
             h = tasks[e].down(x[n])
             if e < 5:
-                h = tasks[5].in_adapters[e](h)
+                h = tasks[5].in_adapter(e, h)
             torch.testing.assert_close(out[n], tasks[e].scale * tasks[e].up(h), rtol=1e-5, atol=1e-6)
 
 
@@ -234,7 +235,7 @@ def test_cache_follows_parameter_changes():
         torch.testing.assert_close(model(X=x), before)
         # a state dict loaded into the model is seen as well
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        state[next(k for k in state if "ana_tasks.t0.2.in_adapters.0.weight" in k)] += 1.0
+        state[next(k for k in state if "ana_tasks.t0.2.in_weight" in k)] += 1.0
         model.load_state_dict(state)
         assert not torch.allclose(model(X=x), before)
 
@@ -262,3 +263,25 @@ def test_gate_top_k_must_be_a_positive_int(value):
 def test_gate_top_k_and_top_k_are_exclusive():
     with pytest.raises(ValueError, match="not both"):
         AnAConfig(target_modules=["lin0"], gate_top_k=2, top_k=2)
+
+
+def test_a_state_dict_with_one_module_per_in_adapter_loads_in_index_order():
+    """The layout before the in-adapters were stacked (``in_adapters.<i>.weight``), loaded by torch's
+    ``load_state_dict`` (PEFT's loading: tests/test_hardening_api.py, on a checkpoint of that layout)."""
+    model, _ = multi_task_model(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    legacy = {}
+    for key, value in state.items():
+        head, _, name = key.rpartition(".in_")
+        if not head:
+            legacy[key] = value
+            continue
+        for i in range(value.shape[0]):  # in-adapter i moved by i + 1: the order is visible after loading
+            legacy[f"{head}.in_adapters.{i}.{name}"] = value[i] + (i + 1)
+    model.load_state_dict(legacy, strict=True)  # strict: no key left over, none missing
+    loaded = model.state_dict()
+    stacked = [k for k in state if k.endswith((".in_weight", ".in_bias"))]
+    assert stacked and any(state[k].shape[0] == 2 for k in stacked)
+    for key in stacked:
+        for i in range(state[key].shape[0]):
+            torch.testing.assert_close(loaded[key][i], state[key][i] + (i + 1))

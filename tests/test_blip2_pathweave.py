@@ -131,9 +131,9 @@ def test_the_preset_adapts_the_qformer_attention_and_the_llm_projection():
     assert projection.summed_only and projection.routing_scope == "qformer"  # follows the Q-Former's decision
     assert tuner.routing.scopes == ["qformer"]
     for task in projection.ana_tasks["default"]:  # plain adapters: no in-adapters, no gate
-        assert len(task.in_adapters) == 0 and task.gate is None and task.gate_noise is None
+        assert task.num_in_adapters == 0 and task.gate is None and task.gate_noise is None
     query = tuner.model.qformer.encoder.layer[0].attention.attention.query
-    assert len(query.ana_tasks["default"][1].in_adapters) == 1 and query.ana_tasks["default"][1].gate is not None
+    assert query.ana_tasks["default"][1].num_in_adapters == 1 and query.ana_tasks["default"][1].gate is not None
     # trainable now: task t1 only; the projection's share is its rank-8 adapter and scale, nothing else
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".ana_tasks.default.1." in n for n in trainable)

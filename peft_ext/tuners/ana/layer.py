@@ -6,13 +6,16 @@ and gates (``language_projection.ana_tasks.1.up.weight``).
 
 State layout (PEFT's shape): ``ana_tasks[adapter_name]`` is an ``nn.ModuleList`` of :class:`AnATask`, one per task in
 ``config.task_names`` order, so PEFT's device/dtype/delete/save machinery handles every task at once. Checkpoint keys
-carry task *indices*, never task names (``...query.ana_tasks.2.in_adapters.0.weight``), so renaming tasks or
-adapters cannot collide with PEFT's adapter-name stripping.
+carry task *indices*, never task names (``...query.ana_tasks.2.in_weight``), so renaming tasks or adapters cannot
+collide with PEFT's adapter-name stripping. A task's ``t`` in-adapters are two stacked tensors, not ``t`` modules:
+at 100 tasks the modules would number ~5,000 per layer (quadratic in T), and every ``model.train()`` -- which
+``transformers.Trainer`` calls each step -- walks them all.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from operator import attrgetter
 from typing import Any, Optional
@@ -56,14 +59,35 @@ def ana_task_parameter_count(
     return own + in_adapters + gate
 
 
+_LEGACY_IN_ADAPTER = re.compile(r"^(?P<task>.*\.)in_adapters\.(?P<index>\d+)\.(?P<name>weight|bias)$")
+
+
+def stack_legacy_in_adapters(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Turn, in place, the in-adapter tensors of checkpoints written before they were stacked into today's keys:
+    ``<task>.in_adapters.<i>.weight`` ``(r, r)`` and ``.bias`` ``(r,)``, one ``nn.Linear`` each, become
+    ``<task>.in_weight`` ``(t, r, r)`` and ``<task>.in_bias`` ``(t, r)`` in index order; only keys starting with
+    ``prefix``. Returns ``state_dict``."""
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    for key in state_dict:
+        match = _LEGACY_IN_ADAPTER.match(key) if key.startswith(prefix) else None
+        if match:
+            groups.setdefault((match["task"], match["name"]), {})[int(match["index"])] = key
+    for (task, name), keys in groups.items():
+        if sorted(keys) != list(range(len(keys))):
+            continue  # not a whole set of in-adapters: left for the completeness check to name
+        state_dict[f"{task}in_{name}"] = torch.stack([state_dict.pop(keys[i]) for i in range(len(keys))])
+    return state_dict
+
+
 class AnATask(nn.Module):
     """State of one task in one adapted layer.
 
     Attributes:
         down (`nn.Linear`): ``d_in -> r`` with bias. up (`nn.Linear`): ``r -> d_out`` with bias.
         scale (`nn.Parameter`): shape ``(1,)``, the learnable scalar ``s_t``.
-        in_adapters (`nn.ModuleList`): ``t`` linears ``r -> r`` with bias; entry ``i`` is ``F_i^t`` (empty in a
-            summed layer).
+        in_weight, in_bias (`nn.Parameter` or None): ``(t, r, r)`` and ``(t, r)``, the ``t`` in-adapters stacked:
+            ``F_i^t(h) = h @ in_weight[i]^T + in_bias[i]`` (:meth:`in_adapter`), the linear ``r -> r`` applied to
+            earlier task ``i``'s features (None for task 0 and in a summed layer).
         gate, gate_noise (`nn.Parameter` or None): ``(d_in, t + 1)`` gate and noise weights (None for task 0 and
             in a summed layer; ``gate_noise`` also None without noisy gating).
     """
@@ -76,7 +100,12 @@ class AnATask(nn.Module):
         self.down = nn.Linear(in_features, r)
         self.up = nn.Linear(r, out_features)
         self.scale = nn.Parameter(torch.ones(1))
-        self.in_adapters = nn.ModuleList([nn.Linear(r, r) for _ in range(0 if summed else index)])
+        if index > 0 and not summed:
+            self.in_weight = nn.Parameter(torch.empty(index, r, r))
+            self.in_bias = nn.Parameter(torch.zeros(index, r))
+        else:
+            self.register_parameter("in_weight", None)
+            self.register_parameter("in_bias", None)
         if index > 0 and not summed:
             self.gate = nn.Parameter(torch.zeros(in_features, index + 1))
             self.gate_noise = nn.Parameter(torch.zeros(in_features, index + 1)) if noisy_gating else None
@@ -84,19 +113,35 @@ class AnATask(nn.Module):
             self.register_parameter("gate", None)
             self.register_parameter("gate_noise", None)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if f"{prefix}in_adapters.0.weight" in state_dict:  # a state dict of the earlier layout, loaded by torch
+            stack_legacy_in_adapters(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def num_in_adapters(self) -> int:
+        return 0 if self.in_weight is None else self.in_weight.shape[0]
+
+    def in_adapter(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """``F_i^t(h)``: in-adapter ``i`` (of earlier task ``i``) on features ``h`` ``(..., r)`` -> ``(..., r)``."""
+        return F.linear(h, self.in_weight[i], self.in_bias[i])
+
     @torch.no_grad()
     def reset(self, init_weights: bool, in_adapter_init: str, scale_init: float) -> None:
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         self.scale.fill_(scale_init)
-        for f in self.in_adapters:
+        for i in range(self.num_in_adapters):
+            weight, bias = self.in_weight[i], self.in_bias[i]
             if in_adapter_init == "identity":
-                nn.init.eye_(f.weight)
-                nn.init.zeros_(f.bias)
+                nn.init.eye_(weight)
+                bias.zero_()
             elif in_adapter_init == "zero":
-                nn.init.zeros_(f.weight)
-                nn.init.zeros_(f.bias)
-            else:  # "linear": PyTorch's default init, as in the reference
-                f.reset_parameters()
+                weight.zero_()
+                bias.zero_()
+            else:  # "linear": each in-adapter as nn.Linear(r, r) initializes itself, as in the reference
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                bound = 1 / math.sqrt(weight.shape[1])
+                nn.init.uniform_(bias, -bound, bound)
         if init_weights:
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.weight)
@@ -189,9 +234,9 @@ class AnALayer(BaseTunerLayer):
         for task in list(tasks)[:-1]:
             nn.init.kaiming_uniform_(task.up.weight, a=math.sqrt(5))
         for task in tasks:
-            for f in task.in_adapters:
-                nn.init.zeros_(f.weight)
-                nn.init.zeros_(f.bias)
+            if task.in_weight is not None:
+                task.in_weight.zero_()
+                task.in_bias.zero_()
 
     def _new_task(self, adapter_name: str, index: int) -> AnATask:
         settings = self.ana_settings[adapter_name]
@@ -290,16 +335,15 @@ class AnALayer(BaseTunerLayer):
 
     @staticmethod
     def _compose_paths(
-        stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_adapters: nn.ModuleList
+        stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor], task: AnATask
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fold the in-adapters into the earlier paths' down-projections: ``F_e^t(down_e(x)) = (W_F D_e) x +
+        """Fold ``task``'s in-adapters into the earlier paths' down-projections: ``F_e^t(down_e(x)) = (W_F D_e) x +
         (W_F a_e + b_F)``. Returns ``(W (E*r, d_in), b (E*r,), U (E, r + 1, d_out))``."""
         down, down_b, up = stack
         num_paths, r, d_in = down.shape
-        t = len(in_adapters)
+        t = task.num_in_adapters
         if t:
-            w_in = torch.stack([f.weight for f in in_adapters])  # (t, r, r): out x in
-            b_in = torch.stack([f.bias for f in in_adapters])  # (t, r)
+            w_in, b_in = task.in_weight, task.in_bias  # (t, r, r): out x in, (t, r)
             down = torch.cat([torch.bmm(w_in, down[:t]), down[t:]])
             composed_b = torch.baddbmm(b_in.unsqueeze(-1), w_in, down_b[:t].unsqueeze(-1)).squeeze(-1)
             down_b = torch.cat([composed_b, down_b[t:]])
@@ -322,15 +366,13 @@ class AnALayer(BaseTunerLayer):
         cache = self.param_cache()
         # the parameter lists, collected once per task structure (len and num_frozen move with add/end/remove task)
         structure = (adapter_name, task_index, len(self.ana_tasks[adapter_name]), num_frozen)
-        experts, frozen, live, in_adapters = cache.groups(
-            structure, lambda: self._path_params(adapter_name, task_index, num_frozen)
-        )
+        experts, frozen, live = cache.groups(structure, lambda: self._path_params(adapter_name, task_index, num_frozen))
         # (live is empty for a frozen task; nothing live trains e.g. while another adapter is active)
         if not torch.is_grad_enabled() or not any(map(_REQUIRES_GRAD, live)):
             return cache.get(
                 structure,
                 live,
-                lambda: self._compose_paths(self._stack_paths(experts), in_adapters),
+                lambda: self._compose_paths(self._stack_paths(experts), experts[-1]),
                 frozen=frozen,
             )
         parts = []
@@ -340,24 +382,24 @@ class AnALayer(BaseTunerLayer):
             )
         parts.append(self._stack_paths(experts[num_frozen:]))
         stack = parts[0] if len(parts) == 1 else tuple(torch.cat(pair) for pair in zip(*parts))
-        return self._compose_paths(stack, in_adapters)
+        return self._compose_paths(stack, experts[-1])
 
     def _path_params(
         self, adapter_name: str, task_index: int, num_frozen: int
-    ) -> tuple[list[AnATask], list[nn.Parameter], list[nn.Parameter], nn.ModuleList]:
-        """``(tasks 0..t, frozen tensors, live tensors, task t's in-adapters)`` behind task ``t``'s paths: the own
-        projections of tasks ``< num_frozen`` are frozen, those of later tasks and ``t``'s in-adapters are frozen
-        only when ``t`` itself is."""
+    ) -> tuple[list[AnATask], list[nn.Parameter], list[nn.Parameter]]:
+        """``(tasks 0..t, frozen tensors, live tensors)`` behind task ``t``'s paths: the own projections of tasks
+        ``< num_frozen`` are frozen, those of later tasks and ``t``'s in-adapters are frozen only when ``t`` itself
+        is."""
         experts = list(self.ana_tasks[adapter_name])[: task_index + 1]
         frozen, live = [], []
         for e, task in enumerate(experts):
             (frozen if e < num_frozen else live).extend(
                 [task.down.weight, task.down.bias, task.up.weight, task.up.bias, task.scale]
             )
-        in_adapters = experts[-1].in_adapters
-        in_params = [p for f in in_adapters for p in (f.weight, f.bias)]
+        last = experts[-1]
+        in_params = [last.in_weight, last.in_bias] if last.num_in_adapters else []
         (frozen if task_index < num_frozen else live).extend(in_params)
-        return experts, frozen, live, in_adapters
+        return experts, frozen, live
 
     def task_output(self, adapter_name: str, task_index: int, x: torch.Tensor) -> torch.Tensor:
         """Adapter output of task ``t`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)`` (dtype of the adapter).

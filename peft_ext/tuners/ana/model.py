@@ -18,7 +18,7 @@ from ...routing.tasks import ContinualTunerMixin, EndTaskReport, check_task_name
 from ..checkpoint import CheckedCheckpointMixin, remove_nested_adapter_name
 from ..targets import linear_fan_in_fan_out
 from .config import AnAConfig
-from .layer import AnALayer, AnALinear, ana_task_parameter_count
+from .layer import AnALayer, AnALinear, ana_task_parameter_count, stack_legacy_in_adapters
 
 
 # Default targets per model type when `target_modules` is None: the paper's placement (attention query/key/value and
@@ -164,11 +164,17 @@ class AnAModel(CheckedCheckpointMixin, TaskSelectorMixin, ContinualTunerMixin, B
     # -- routing ----------------------------------------------------------------------------------------------------
     # -- checkpoint keys ------------------------------------------------------------------------------------------
     @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # a checkpoint of the layout with one module per in-adapter loads too (before the checks of its tensors)
+        state_dict = stack_legacy_in_adapters(dict(state_dict))
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """Drop the adapter name that follows the ``ana_tasks`` container, wherever it sits in the key.
 
-        ``...query.ana_tasks.<adapter>.2.in_adapters.0.weight`` -> ``...query.ana_tasks.2.in_adapters.0.weight``
-        (PEFT's default only looks at the last two components; AnA nests tasks below the adapter).
+        ``...query.ana_tasks.<adapter>.2.in_weight`` -> ``...query.ana_tasks.2.in_weight`` (PEFT's default only
+        looks at the last two components; AnA nests tasks below the adapter).
         """
         stripped = remove_nested_adapter_name(key, adapter_name, ("ana_tasks",))
         return stripped if stripped is not None else super()._remove_adapter_name_from_key(key, adapter_name)
