@@ -40,7 +40,9 @@ LORA_EVERYWHERE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def test_lora_per_task_learns_each_task_and_serves_untrained_tasks_with_the_base_model(tmp_path):
     config = {"adapter_per_task": True, "target_modules": LORA_EVERYWHERE, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
-    result = run(tmp_path, "lora", config).run()
+    # four copies of each row and half FAST's rate: both tasks learned at each of seeds 0-5 (at FAST's, 2 of 4 seeds
+    # left a task half-learned, and which ones moved with the machine's floating-point kernels)
+    result = run(tmp_path, "lora", config, repeat=4, lr=1e-2).run()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     a, zero_shot = metrics["accuracy"], metrics["accuracy_zero_shot"]
     assert metrics["kind"] == "generation" and len(zero_shot) == 2
