@@ -112,15 +112,19 @@ def _parser():
     parser.formatter_class = _DefaultsOnceFormatter
     by_name = {action.option_strings[0].lstrip("-"): action for action in parser._actions if action.option_strings}
     from peft_ext.trainers import available_methods, default_learning_rate
+    from peft_ext.trainers.task_stream import KINDS
 
     methods = available_methods()  # the registry's, plugins' included
     others = [m for m in methods if m != "lora"]
-    rates: dict[float, list[str]] = {}
+    rates: dict[str, list[str]] = {}
     for method in methods:
-        rates.setdefault(default_learning_rate(method), []).append(method)
+        rate = default_learning_rate(method)
+        by_kind = [f"{kind} {default_learning_rate(method, kind):g}" for kind in KINDS]
+        by_kind = [text for kind, text in zip(KINDS, by_kind) if default_learning_rate(method, kind) != rate]
+        rates.setdefault(f"{rate:g}" + (f" ({', '.join(by_kind)})" if by_kind else ""), []).append(method)
     facts = {
         "others": ", ".join(others[:-1]) + f" or {others[-1]}" if len(others) > 1 else "".join(others),
-        "learning_rates": "; ".join(f"{', '.join(names)}: {rate:g}" for rate, names in rates.items()),
+        "learning_rates": "; ".join(f"{', '.join(names)}: {rate}" for rate, names in rates.items()),
     }
     for options in HELP_GROUPS.values():
         for name, text in options.items():

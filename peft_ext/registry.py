@@ -23,7 +23,7 @@ import difflib
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from peft import PeftType
@@ -86,6 +86,9 @@ class MethodInfo:
         display_name (`str`): the name shown on model cards and tables (``"MoE-CL"``).
         summary (`str`): one sentence for model cards: what the method does, with its paper.
         default_learning_rate (`float`): the learning rate of a continual run that sets none.
+        kind_learning_rates (`dict[str, float]`): where a task kind's runs need another rate (their default epochs
+            differ: generation trains 1 epoch per task, the other kinds 3), that kind's rate, e.g.
+            ``{"generation": 3e-2}``.
         describe (`Callable[[PeftConfig], str]`, *optional*): a config's main settings in a few words (``"r=8, 2
             subspaces"``), for the preset catalogue; without it presets show the method's name only.
     """
@@ -97,6 +100,11 @@ class MethodInfo:
     summary: str
     default_learning_rate: float = 3e-3
     describe: Optional[Callable[[Any], str]] = None
+    kind_learning_rates: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def learning_rate(self, kind: Optional[str] = None) -> float:
+        """The learning rate of a continual run of tasks of ``kind`` that sets none."""
+        return self.kind_learning_rates.get(kind, self.default_learning_rate)
 
     @property
     def peft_type(self) -> str:
@@ -145,6 +153,7 @@ def register_method(
     summary: Optional[str] = None,
     default_learning_rate: float = 3e-3,
     describe: Optional[Callable[[Any], str]] = None,
+    kind_learning_rates: Optional[dict[str, float]] = None,
 ) -> PeftType:
     """Make method ``name`` (lower case) usable through ``get_peft_model``/``PeftModel.from_pretrained``, and
     describe it in :data:`METHODS` (the keyword arguments are :class:`MethodInfo`'s fields).
@@ -162,6 +171,7 @@ def register_method(
         summary=summary or f"the {name} adapter method",
         default_learning_rate=default_learning_rate,
         describe=describe,
+        kind_learning_rates=dict(kind_learning_rates or {}),
     )
     if PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType.__members__.get(name.upper())) is model_cls:
         return PeftType[name.upper()]

@@ -112,7 +112,10 @@ def test_learning_rate_defaults_per_method_and_explicit_values_win():
         return args.learning_rate
 
     assert parse("--method", "lora") == METHODS["lora"].default_learning_rate == 3e-3
-    assert parse("--method", "moecl") == METHODS["moecl"].default_learning_rate == 3e-2
+    assert parse("--method", "moecl") == METHODS["moecl"].default_learning_rate == 1e-2
+    assert parse("--method", "moecl", "--kind", "generation") == METHODS["moecl"].learning_rate("generation") == 3e-2
+    assert parse("--method", "moecl", "--kind", "zero_shot") == 1e-2
+    assert parse("--method", "lora", "--kind", "generation") == 3e-3
     assert parse("--method", "moecl", "--learning_rate", "1e-3") == 1e-3
     assert parse("--method", "ana", "--lr", "2e-4") == 2e-4
 

@@ -190,3 +190,17 @@ def test_a_generation_task_left_at_chance_is_named_without_a_majority_class(tmp_
     assert len(warned) == 1 and "Task 'colors' ended with training accuracy 0.00" in warned[0]
     assert "at chance (exact match of generated answers, where chance is 0.00)" in warned[0]
     assert "majority class" not in warned[0]
+
+
+def test_without_a_rate_the_schedule_takes_the_methods_rate_for_the_tasks_kind(tmp_path):
+    from peft_ext import METHODS
+
+    tasks = [generation_task(name) for name in TASKS]
+    settings = {k: v for k, v in FAST.items() if k != "lr"}
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "own"), method="moecl", **settings)
+    assert args.learning_rate == METHODS["moecl"].default_learning_rate  # the kind is not known yet
+    ContinualSchedule(tasks, args, model=tiny_llama, tokenizer=word_tokenizer())
+    assert args.learning_rate == METHODS["moecl"].learning_rate("generation") != METHODS["moecl"].default_learning_rate
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "set"), method="moecl", lr=5e-3, **settings)
+    ContinualSchedule(tasks, args, model=tiny_llama, tokenizer=word_tokenizer())
+    assert args.learning_rate == 5e-3  # the user's rate is kept

@@ -142,8 +142,8 @@ class ContinualTrainingArguments(TrainingArguments):
             strategy options, e.g. ``adapter_per_task``).
         epochs (`float`, *optional*): epochs per task (default :data:`DEFAULT_EPOCHS` of the tasks' kind: 3, and 1
             for generation). batch_size (`int`, *optional*): per-device train and eval
-            batch size. lr (`float`, *optional*): learning rate (default: the method's
-            ``MethodInfo.default_learning_rate``).
+            batch size. lr (`float`, *optional*): learning rate (default: the method's rate for the tasks' kind,
+            ``MethodInfo.learning_rate(kind)``).
         max_length (`int`): tokens kept per text.
         pooling (`str`): sentence pooling for the heads, ``mean`` or ``cls``.
         task_agnostic (`bool`): also evaluate with the task inferred from the input, where the method can.
@@ -194,7 +194,7 @@ class ContinualTrainingArguments(TrainingArguments):
     output_dir: Optional[str] = field(default="outputs/continual", metadata={"help": "Output folder of the run."})
     learning_rate: Optional[float] = field(
         default=None,
-        metadata={"help": "Initial learning rate (default: the method's own; 3e-3, MoE-CL 3e-2)."},
+        metadata={"help": "Initial learning rate (default: the method's own; 3e-3, MoE-CL 1e-2, generation 3e-2)."},
     )
     num_train_epochs: Optional[float] = field(
         default=None, metadata={"help": "Epochs per task (default: 3; generation tasks 1)."}
@@ -226,7 +226,8 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"--compare-with {self.compare_with} is the method of the run itself; name another one.")
         self.method_learning_rate = self.learning_rate is None  # the method's own rate, not the user's
         if self.learning_rate is None:
-            self.learning_rate = default_learning_rate(self.method)
+            # (without --kind, the schedule sets the rate of the tasks' kind once it has them)
+            self.learning_rate = default_learning_rate(self.method, self.kind)
         if self.max_length < 2:
             raise ValueError(f"--max-length must be at least 2, got {self.max_length}.")
         if self.num_train_epochs is None and self.kind is not None:
@@ -407,6 +408,8 @@ class ContinualSchedule:
         self.tokenizer = tokenizer
         opt = lambda value, name, default: value if value is not None else getattr(args, name, default)  # noqa: E731
         self.method = opt(method, "method", "lora")
+        if getattr(args, "method_learning_rate", False):  # nobody set a rate: the method's for this kind
+            args.learning_rate = default_learning_rate(self.method, self.kind)
         self.method_config = dict(method_config or {})
         self.strategy: ContinualStrategy = get_strategy(self.method, dict(self.method_config))
         self.strategy.first_config(self.tasks[0].name)  # a bad method config fails now, before any model loads

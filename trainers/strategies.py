@@ -71,10 +71,10 @@ def get_strategy(method: str, method_config: Optional[dict[str, Any]] = None) ->
     return strategy_class(method)(dict(method_config or {}))
 
 
-def default_learning_rate(method: str) -> float:
-    """The learning rate of a continual run of ``method`` that sets none (its description's)."""
+def default_learning_rate(method: str, kind: Optional[str] = None) -> float:
+    """The learning rate of a continual run of ``method`` on tasks of ``kind`` that sets none (its description's)."""
     info = strategy_class(method).info()
-    return info.default_learning_rate if info is not None else MethodInfo.default_learning_rate
+    return info.learning_rate(kind) if info is not None else MethodInfo.default_learning_rate
 
 
 def load_method_config(source: Optional[str]) -> dict[str, Any]:

@@ -28,8 +28,10 @@ register_method(
         "bottleneck experts beside each adapted block, one router per task, activate-freeze of the most used experts "
         "after each task, and a task selector (DDAS) for task-agnostic inference"
     ),
-    # the experts' output is scaled by 0.1 (the paper's scaling): Adam steps need to be ~10x larger than LoRA's
-    # (benchmarks/bench_continual.py --lrs)
-    default_learning_rate=3e-2,
+    # the experts' output is scaled by 0.1 (the paper's scaling): Adam steps larger than LoRA's. Chosen on
+    # validation rows (benchmarks/bench_continual.py --validation 40): 1e-2 learns every task of every sequence and
+    # seed tried, 3e-2 left a task at chance; generation's single epoch per task needs 3e-2.
+    default_learning_rate=1e-2,
+    kind_learning_rates={"generation": 3e-2},
     describe=describe,
 )
