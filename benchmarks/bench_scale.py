@@ -65,21 +65,21 @@ matrix evaluation <= 25 % of a 20-task run's time. Time ratios are checked at ev
 needs all of them).
 
 Measured (``benchmarks/results/bench_scale_cpu.md``, latest run: CPU, 2 cores, 1 thread, the defaults plus
-``--run-methods moecl,ana``, 510 s; best-of-5 ratios move by 10-20 % between runs there). Forward / LoRA r=8, batch 1 /
-8 / 64: AnA at 30 tasks 1.85 / 1.50 / 1.16 dense and 1.99 / 1.24 / 1.03 with ``gate_top_k=2`` (goal 1.15: met at batch
-64 only; at batch 1, 64 tokens, the sparse dispatch's ~20 small operations per layer cost more than its arithmetic), at
-100 tasks 2.7 / 2.4 dense and 2.1 / 1.5 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240 1.29 / 1.15 / 1.08 (a
-per-layer cost that does not grow with the batch: the gate, and the version sums that validate the cached paths). Train
-step / LoRA r=8 at 100 tasks 5.5 (batch 1) and 3.7 / 2.6 (batch 8, dense / top-2). MoE-CL does not grow with the task
-count: 100 tasks / 1 task 1.01 / 1.05 forward (PASS), 0.78 / 0.94 train step. Adapter parameters at 100 tasks: AnA 117.3
-M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per task and layer, are quadratic in T), 2.17 M trainable (4.3 M AdamW
-floats); MoE-CL 4.9 M, 36,864 trainable (only the router once the 8 experts are frozen). Selector at 100 tasks, ``auto``
-vs the task named, batch 1 / 8 / 64: prototypes on deep features (the extra base pass of the default too) +92 / +87 /
-+108 %; prototypes on shallow features +6.7 / +1.8 / +6.1 % with ``select()`` itself at 0.91 / 0.25 / 0.06 %;
-autoencoders on shallow features +4.2 / +13 / -3.9 %, ``select()`` 9.9 / 4.6 / 2.4 %. No selector meets 2 % at every
-batch size; the selector's own compute does, for prototypes. Whole runs (tiny BERT): evaluation takes 7 / 10 / 18.5 % of
-the run at 5 / 10 / 20 tasks (moecl; ana 7 / 9 / 21 %; goal 25 % at 20 tasks: PASS), peak RSS 536-565 MiB, RSS growth
-0.2-0.3 MiB per task (moecl) and 1.2-1.6 MiB (ana).
+``--run-methods moecl,ana``, 284 s). Forward / LoRA r=8, batch 1 / 8 / 64: AnA at 30 tasks 1.51 / 1.47 / 1.40 dense
+and 1.53 / 1.24 / 1.26 with ``gate_top_k=2`` (goal 1.15: FAIL; at batch 1, 64 tokens, the sparse dispatch's ~20 small
+operations per layer cost more than its arithmetic: about 200 us of the ~260 us AnA adds to a layer there), at 100
+tasks 2.6 / 2.4 dense and 2.1 / 1.5 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240 1.16 / 1.08 / 1.07 (FAIL:
+the gate's projection and the up-projection's bias row are ``1/r`` of the adapter's arithmetic beyond LoRA's, 12.5 %
+at r=8). Train step / LoRA r=8 at 100 tasks 3.6 / 3.4 (batch 1, dense / top-2) and 3.0 / 1.8 (batch 8). MoE-CL does
+not grow with the task count: 100 tasks / 1 task 1.02 / 0.98 forward (PASS), 1.02 / 0.97 train step. Adapter
+parameters at 100 tasks: AnA 117.3 M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per task and layer, are
+quadratic in T), 2.17 M trainable (4.3 M AdamW floats); MoE-CL 4.9 M, 36,864 trainable (only the router once the 8
+experts are frozen). Selector at 100 tasks, ``auto`` vs the task named, batch 1 / 8 / 64: prototypes on shallow
+features +1.1 / +0.1 / +0.2 % (PASS), ``select()`` itself 1.0 / 0.26 / 0.06 %; on deep features (the extra base pass,
+of the default ``deep+shallow`` too) +89 / +91 / +95 %; autoencoders on shallow features +9.6 / +4.6 / +2.2 %, their
+``select()`` 8.5 / 3.3 / 1.8 %. Whole runs (tiny BERT): evaluation takes 4.5 / 6.9 / 10.7 % of the run at 5 / 10 / 20
+tasks (moecl; ana 4.5 / 8.1 / 19.3 %; goal 25 % at 20 tasks: PASS), peak RSS 598-610 MiB, RSS growth 0.2-0.4 MiB per
+task (moecl) and 0.7-0.8 MiB (ana).
 """
 
 from __future__ import annotations

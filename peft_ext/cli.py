@@ -119,8 +119,7 @@ def _parser():
     rates: dict[str, list[str]] = {}
     for method in methods:
         rate = default_learning_rate(method)
-        by_kind = [f"{kind} {default_learning_rate(method, kind):g}" for kind in KINDS]
-        by_kind = [text for kind, text in zip(KINDS, by_kind) if default_learning_rate(method, kind) != rate]
+        by_kind = [f"{kind} {other:g}" for kind in KINDS if (other := default_learning_rate(method, kind)) != rate]
         rates.setdefault(f"{rate:g}" + (f" ({', '.join(by_kind)})" if by_kind else ""), []).append(method)
     facts = {
         "others": ", ".join(others[:-1]) + f" or {others[-1]}" if len(others) > 1 else "".join(others),

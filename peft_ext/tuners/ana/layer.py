@@ -63,7 +63,7 @@ _LEGACY_IN_ADAPTER = re.compile(r"^(?P<task>.*\.)in_adapters\.(?P<index>\d+)\.(?
 
 
 def stack_legacy_in_adapters(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Turn, in place, the in-adapter tensors of checkpoints written before they were stacked into today's keys:
+    """Turn, in place, the in-adapter tensors of checkpoints written before they were stacked into stacked keys:
     ``<task>.in_adapters.<i>.weight`` ``(r, r)`` and ``.bias`` ``(r,)``, one ``nn.Linear`` each, become
     ``<task>.in_weight`` ``(t, r, r)`` and ``<task>.in_bias`` ``(t, r)`` in index order; only keys starting with
     ``prefix``. Returns ``state_dict``."""
