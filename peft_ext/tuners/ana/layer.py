@@ -103,15 +103,11 @@ class AnATask(nn.Module):
         if index > 0 and not summed:
             self.in_weight = nn.Parameter(torch.empty(index, r, r))
             self.in_bias = nn.Parameter(torch.zeros(index, r))
-        else:
-            self.register_parameter("in_weight", None)
-            self.register_parameter("in_bias", None)
-        if index > 0 and not summed:
             self.gate = nn.Parameter(torch.zeros(in_features, index + 1))
             self.gate_noise = nn.Parameter(torch.zeros(in_features, index + 1)) if noisy_gating else None
         else:
-            self.register_parameter("gate", None)
-            self.register_parameter("gate_noise", None)
+            for name in ("in_weight", "in_bias", "gate", "gate_noise"):
+                self.register_parameter(name, None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if f"{prefix}in_adapters.0.weight" in state_dict:  # a state dict of the earlier layout, loaded by torch
