@@ -18,9 +18,12 @@ from peft_ext.trainers.task_stream import Task, TaskStreamError
 
 FAST = dict(epochs=80, lr=2e-2, batch_size=2, disable_tqdm=True, plots=False, seed=0, max_length=16)
 FAST["lr_scheduler_type"] = "constant"
+# The word that decides the answer comes last: MoE-CL's experts sit beside the blocks' outputs and cannot change
+# attention, so on a random 2-layer model they learn an answer from the last token's state only (with "... ? answer :"
+# prompts they learned neither task, and which wrong answers came out moved with float rounding).
 TASKS = {
-    "colors": [("color of sky ? answer :", "blue"), ("color of grass ? answer :", "green")],
-    "capitals": [("capital of france ? answer :", "paris"), ("capital of italy ? answer :", "rome")],
+    "colors": [("answer : color of sky", "blue"), ("answer : color of grass", "green")],
+    "capitals": [("answer : capital of france", "paris"), ("answer : capital of italy", "rome")],
 }  # fmt: skip
 
 
@@ -74,7 +77,8 @@ def test_task_agnostic_answers_are_each_prompts_answer_under_its_pick(tmp_path):
     # The schedule reuses a row's task-aware answers (and the base model's) for prompts picked for those routes and
     # generates only the others; forced mixed picks (each task and the base model) must give the scores of every
     # prompt answered alone under its own pick.
-    schedule = run(tmp_path, "moecl", {"num_experts": 4, "r": 4}, repeat=3, epochs=5)
+    # 20 epochs: both tasks learned (at least half their prompts) at seeds 0-5, so that a wrong route answers wrong
+    schedule = run(tmp_path, "moecl", {"num_experts": 4, "r": 4}, repeat=3, epochs=20)
     schedule.run()
     model, seen = schedule.classifier.encoder, list(TASKS)
     assert {("colors", "colors"), ("colors", None)} <= set(schedule._outputs)  # the last row's, to reuse

