@@ -15,6 +15,7 @@ from tiny_models import MLP
 import peft_ext  # noqa: F401  (registers the methods)
 from peft_ext import AnAConfig
 from peft_ext.tuners.ana import AnALayer, AnALinear
+from peft_ext.tuners.ana import layer as ana_layer
 
 
 def tiny_base():
@@ -142,6 +143,38 @@ def test_sparse_kernel_with_every_path_selected_is_the_dense_gate():
         shuffled = layer._sparse_paths(x, w, b, up, gates.top_gates[:, perm], gates.top_indices[:, perm])
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(shuffled, dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(ana_layer._GROUPED_MM is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_and_block_dispatch_agree_with_their_gradients(monkeypatch, dtype):
+    torch.manual_seed(0)
+    num_paths, r, d_in, d_out, k = 5, 8, 8, 16, 2
+    x = torch.randn(37, d_in)  # 74 rows: not a multiple of the block size
+    w_down, b_down, up = (
+        torch.randn(num_paths * r, d_in),
+        torch.randn(num_paths * r),
+        torch.randn(num_paths, r + 1, d_out),
+    )
+    logits = torch.randn(37, num_paths)
+    logits[:, 3] = -1e9  # a path with no rows
+    top = logits.topk(k, dim=-1)
+    assert ana_layer._grouped_mm_fits(x.to(dtype), r, d_out)
+    assert not ana_layer._grouped_mm_fits(x[:, :6], r, d_out)  # rows of 24 bytes
+    assert not ana_layer._grouped_mm_fits(x.bfloat16(), 4, d_out)  # gradient rows of 8 bytes
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(ana_layer, "_grouped_mm_fits", lambda *args, grouped=grouped: grouped)
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w_down, b_down, up, top.values.softmax(-1))]
+        out = AnALayer._sparse_paths(*leaves[:4], leaves[4], top.indices)
+        out.float().sum().backward()  # an expanded gradient, the layout most likely to trip a kernel
+        results[grouped] = (out.detach().float(), [leaf.grad.float() for leaf in leaves])
+    # bf16: the two dispatches sum in different orders; outputs and gradients are of order 10
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.25)
+    torch.testing.assert_close(results[True][0], results[False][0], **tol)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, **tol)
+    assert results[True][1][1].view(num_paths, r, d_in)[3].abs().sum() == 0  # the unused path got no gradient
 
 
 def test_gate_top_k_equal_to_the_number_of_paths_is_the_dense_gate():

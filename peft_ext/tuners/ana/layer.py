@@ -33,12 +33,14 @@ from ...routing.gating import GateOutput, noisy_top_k_gating
 from .config import AnAConfig
 
 
-# Rows per block of the sparse gate's dispatch: each selected (token, path) pair is a row; rows are grouped by path
-# and padded to a multiple of this, so that one batched matmul over blocks evaluates every path on its own tokens.
+# Rows per block of the sparse gate's batched-matmul dispatch (_block_rows): each selected (token, path) pair is a
+# row; rows are grouped by path and padded to a multiple of this, so that one batched matmul over blocks evaluates
+# every path on its own tokens.
 SPARSE_BLOCK_ROWS = 16
 # Tasks whose stacked paths a layer keeps cached (mixed batches use several tasks); least recently used dropped.
 STACK_CACHE_TASKS = 4
 _REQUIRES_GRAD = attrgetter("requires_grad")
+_GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.8
 
 
 def ana_task_parameter_count(
@@ -441,35 +443,22 @@ class AnALayer(BaseTunerLayer):
     ) -> torch.Tensor:
         """``sum_j top_gates[n, j] * path_{top_indices[n, j]}(x_n)`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)``.
 
-        Each selected (token, path) pair is a row. Rows are sorted by path and each path's rows padded to a multiple
-        of ``SPARSE_BLOCK_ROWS``; every block then belongs to one path, whose weights are gathered per block (like
-        MoE-CL's gather dispatch), and two batched matmuls over the blocks evaluate all pairs. Padding rows have gate
-        0 and add an exact 0. Cost: ``N*k`` rank-``r`` rows plus at most ``E*(SPARSE_BLOCK_ROWS - 1)`` padding rows.
+        Each selected (token, path) pair is a row; rows are sorted by path, each path is evaluated on its own rows,
+        and the rows are summed back into their tokens. Cost: ``N*k`` rank-``r`` rows, whatever the number of
+        paths. Where ``grouped_mm`` runs (:func:`_grouped_mm_fits`: the CPU) two grouped GEMMs do it in place;
+        elsewhere (CUDA's grouped GEMM takes bf16 only) :func:`_block_rows` pads each path's rows into blocks.
         """
         num_tokens, k = top_indices.shape
         num_paths, r1, d_out = up.shape
-        r, d_in, block = r1 - 1, x.shape[-1], SPARSE_BLOCK_ROWS
-        device = x.device
         pair_path = top_indices.reshape(-1)
         order = torch.argsort(pair_path, stable=True)
         counts = torch.bincount(pair_path, minlength=num_paths)
-        blocks = (counts + block - 1) // block
-        first_row = (torch.cumsum(blocks, 0) - blocks) * block - (torch.cumsum(counts, 0) - counts)
-        dest = first_row.index_select(0, pair_path.index_select(0, order))
-        dest += torch.arange(pair_path.numel(), device=device)
-        num_blocks = int(blocks.sum())
-        block_path = torch.repeat_interleave(torch.arange(num_paths, device=device), blocks, output_size=num_blocks)
-        rows = num_blocks * block
-        row_token = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, dest, order // k)
-        row_gate = x.new_zeros(rows).index_copy_(0, dest, top_gates.reshape(-1).index_select(0, order))
-        xs = x.index_select(0, row_token).view(num_blocks, block, d_in)
-        w_sel = w_down.view(num_paths, r * d_in).index_select(0, block_path).view(num_blocks, r, d_in)
-        b_sel = b_down.view(num_paths, r).index_select(0, block_path).view(num_blocks, 1, r)
-        h = torch.baddbmm(b_sel, xs, w_sel.transpose(1, 2))  # (blocks, block, r)
-        g = row_gate.view(num_blocks, block, 1)
-        h = torch.cat([h * g, g], dim=-1)
-        u_sel = up.view(num_paths, r1 * d_out).index_select(0, block_path).view(num_blocks, r1, d_out)
-        y = torch.bmm(h, u_sel).view(rows, d_out)
+        row_token = order // k
+        row_gate = top_gates.reshape(-1).index_select(0, order)
+        if _grouped_mm_fits(x, r1 - 1, d_out):
+            y = _grouped_rows(x, w_down, b_down, up, counts, row_token, row_gate)
+        else:
+            y, row_token = _block_rows(x, w_down, b_down, up, counts, row_token, row_gate)
         return x.new_zeros(num_tokens, d_out).index_add_(0, row_token, y)
 
     def adapter_output(
@@ -640,3 +629,74 @@ class AnALinear(ParameterCacheMixin, nn.Module, AnALayer):
 
     def __repr__(self) -> str:
         return "ana." + super().__repr__()
+
+
+def _grouped_mm_fits(x: torch.Tensor, r: int, d_out: int) -> bool:
+    """Whether :func:`_grouped_rows` can run: ``torch.nn.functional.grouped_mm`` exists (torch >= 2.8), runs on
+    ``x``'s device and dtype (the CPU in float32 / bf16 / fp16), and the rows of its operands and of their gradients
+    (``d_in``, ``r`` and ``d_out`` wide) are 16-byte aligned."""
+    if _GROUPED_MM is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    align = 16 // x.element_size()
+    return x.shape[-1] % align == 0 and r % align == 0 and d_out % align == 0
+
+
+def _grouped_rows(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    up: torch.Tensor,
+    counts: torch.Tensor,
+    row_token: torch.Tensor,
+    row_gate: torch.Tensor,
+) -> torch.Tensor:
+    """Outputs ``(P, d_out)`` of the ``P`` pair rows (sorted by path; ``counts`` ``(E,)`` rows per path, ``row_token``
+    and ``row_gate`` ``(P,)``), each path's down- and up-projection a grouped GEMM over its own rows."""
+    num_paths, r1, d_out = up.shape
+    r = r1 - 1
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    row_path = torch.repeat_interleave(torch.arange(num_paths, device=x.device), counts, output_size=row_token.numel())
+    h = _GROUPED_MM(x.index_select(0, row_token), w_down.view(num_paths, r, -1).transpose(1, 2), offs=offsets)
+    h = h + b_down.view(num_paths, r).index_select(0, row_path)
+    g = row_gate.unsqueeze(-1)
+    # grouped_mm reads rows of 16 bytes: [g*h, g] (the g carries the up bias) is padded with zero columns and U with
+    # zero rows to match
+    pad = -r1 % (16 // x.element_size())
+    h = torch.cat([h * g, g, g.new_zeros(g.shape[0], pad)], dim=-1)
+    return _GROUPED_MM(h, F.pad(up, (0, 0, 0, pad)) if pad else up, offs=offsets)
+
+
+def _block_rows(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    up: torch.Tensor,
+    counts: torch.Tensor,
+    row_token: torch.Tensor,
+    row_gate: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_grouped_rows` by batched matmuls: each path's rows padded to a multiple of ``SPARSE_BLOCK_ROWS``, so
+    that every block belongs to one path, whose weights are gathered per block (like MoE-CL's gather dispatch).
+    Padding rows have gate 0 and add an exact 0. Returns ``(outputs (R, d_out), token of each row (R,))`` for the
+    ``R`` rows, padding included (at most ``E*(SPARSE_BLOCK_ROWS - 1)`` more than ``P``)."""
+    num_paths, r1, d_out = up.shape
+    r, d_in, block, device = r1 - 1, x.shape[-1], SPARSE_BLOCK_ROWS, x.device
+    blocks = (counts + block - 1) // block
+    # destination of sorted row i: its path's first padded row, plus its rank among that path's rows
+    first_row = (torch.cumsum(blocks, 0) - blocks) * block - (torch.cumsum(counts, 0) - counts)
+    num_rows = row_token.numel()
+    dest = torch.repeat_interleave(first_row, counts, output_size=num_rows)
+    dest += torch.arange(num_rows, device=device)
+    num_blocks = int(blocks.sum())
+    block_path = torch.repeat_interleave(torch.arange(num_paths, device=device), blocks, output_size=num_blocks)
+    rows = num_blocks * block
+    padded_token = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, dest, row_token)
+    padded_gate = x.new_zeros(rows).index_copy_(0, dest, row_gate)
+    xs = x.index_select(0, padded_token).view(num_blocks, block, d_in)
+    w_sel = w_down.view(num_paths, r * d_in).index_select(0, block_path).view(num_blocks, r, d_in)
+    b_sel = b_down.view(num_paths, r).index_select(0, block_path).view(num_blocks, 1, r)
+    h = torch.baddbmm(b_sel, xs, w_sel.transpose(1, 2))  # (blocks, block, r)
+    g = padded_gate.view(num_blocks, block, 1)
+    h = torch.cat([h * g, g], dim=-1)
+    u_sel = up.view(num_paths, r1 * d_out).index_select(0, block_path).view(num_blocks, r1, d_out)
+    return torch.bmm(h, u_sel).view(rows, d_out), padded_token
