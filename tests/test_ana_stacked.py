@@ -177,6 +177,24 @@ def test_grouped_and_block_dispatch_agree_with_their_gradients(monkeypatch, dtyp
     assert results[True][1][1].view(num_paths, r, d_in)[3].abs().sum() == 0  # the unused path got no gradient
 
 
+def test_a_torch_without_the_cpu_grouped_kernel_uses_the_blocks(monkeypatch):
+    torch.manual_seed(0)
+    x, w, b, up = torch.randn(9, 8), torch.randn(3 * 8, 8), torch.randn(3 * 8), torch.randn(3, 9, 16)
+    top = torch.randn(9, 3).topk(2, dim=-1)
+    expected = AnALayer._sparse_paths(x, w, b, up, top.values.softmax(-1), top.indices)
+
+    def cuda_only(*args, **kwargs):
+        raise NotImplementedError("grouped_mm: no CPU kernel")
+
+    monkeypatch.setattr(ana_layer, "_GROUPED_MM", cuda_only)
+    ana_layer._cpu_grouped_mm_runs.cache_clear()
+    try:
+        assert not ana_layer._grouped_mm_fits(x, 8, 16)
+        torch.testing.assert_close(AnALayer._sparse_paths(x, w, b, up, top.values.softmax(-1), top.indices), expected)
+    finally:
+        ana_layer._cpu_grouped_mm_runs.cache_clear()
+
+
 def test_gate_top_k_equal_to_the_number_of_paths_is_the_dense_gate():
     dense, _ = multi_task_model(4)
     sparse, _ = multi_task_model(4, gate_top_k=4)

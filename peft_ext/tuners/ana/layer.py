@@ -14,6 +14,7 @@ at 100 tasks the modules would number ~5,000 per layer (quadratic in T), and eve
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -40,7 +41,7 @@ SPARSE_BLOCK_ROWS = 16
 # Tasks whose stacked paths a layer keeps cached (mixed batches use several tasks); least recently used dropped.
 STACK_CACHE_TASKS = 4
 _REQUIRES_GRAD = attrgetter("requires_grad")
-_GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.8
+_GROUPED_MM = getattr(F, "grouped_mm", None)
 
 
 def ana_task_parameter_count(
@@ -632,13 +633,26 @@ class AnALinear(ParameterCacheMixin, nn.Module, AnALayer):
 
 
 def _grouped_mm_fits(x: torch.Tensor, r: int, d_out: int) -> bool:
-    """Whether :func:`_grouped_rows` can run: ``torch.nn.functional.grouped_mm`` exists (torch >= 2.8), runs on
-    ``x``'s device and dtype (the CPU in float32 / bf16 / fp16), and the rows of its operands and of their gradients
-    (``d_in``, ``r`` and ``d_out`` wide) are 16-byte aligned."""
-    if _GROUPED_MM is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """Whether :func:`_grouped_rows` can run: ``torch.nn.functional.grouped_mm`` runs on ``x``'s device and dtype
+    (the CPU in float32 / bf16 / fp16, on a torch that has a CPU kernel), and the rows of its operands and of their
+    gradients (``d_in``, ``r`` and ``d_out`` wide) are 16-byte aligned."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     align = 16 // x.element_size()
-    return x.shape[-1] % align == 0 and r % align == 0 and d_out % align == 0
+    aligned = x.shape[-1] % align == 0 and r % align == 0 and d_out % align == 0
+    return aligned and _cpu_grouped_mm_runs(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
+    """``grouped_mm`` came to torch before its CPU kernel did: tried once per dtype on a tiny product."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        _GROUPED_MM(torch.ones(8, 8, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype), offs=torch.tensor([4, 8]).int())
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _grouped_rows(
