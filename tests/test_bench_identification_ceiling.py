@@ -1,11 +1,8 @@
 """benchmarks/bench_identification_ceiling.py: classes numbered across tasks, and identification read by task."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_modules import benchmark_module
 from datasets import Dataset
 
 from peft_ext.trainers.task_stream import Task
@@ -13,18 +10,8 @@ from peft_ext.trainers.task_stream import Task
 
 @pytest.fixture(scope="module")
 def bench():
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(folder))  # it imports its neighbour sequences.py
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_identification_ceiling", folder / "bench_identification_ceiling.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("bench_identification_ceiling") as module:
         yield module
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("sequences", None)
 
 
 def _task(name, labels, rows):

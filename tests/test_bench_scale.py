@@ -1,26 +1,19 @@
 """benchmarks/bench_scale.py on a tiny BERT: the models it times are what it says (last task open, AnA's gate switch
 works), the timing and ratio plumbing, and the goal verdicts."""
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_modules import benchmark_module
 
 from peft_ext.trainers.testing import make_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("bench_scale") as module:
+        yield module
 
 
 @pytest.fixture

@@ -1,24 +1,13 @@
 """benchmarks/bench_selector.py's goal verdicts (issue #15): thresholds, and the cost read per feature kind."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_modules import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(folder))  # it imports its neighbour sequences.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_selector", folder / "bench_selector.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("bench_selector") as module:
         yield module
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("sequences", None)
 
 
 def _row(selector, identification, agnostic, ood, cost, sequence="in_domain"):
