@@ -145,6 +145,21 @@ def test_sparse_kernel_with_every_path_selected_is_the_dense_gate():
     torch.testing.assert_close(shuffled, dense, rtol=1e-5, atol=1e-6)
 
 
+def reference_sparse_paths(x, w_down, b_down, up, top_gates, top_indices):
+    """``sum_j g_nj * [W_p x_n + b_p, 1] @ U_p`` for ``p = top_indices[n, j]``, one token and path at a time."""
+    num_paths, r1, _ = up.shape
+    w, b = w_down.view(num_paths, r1 - 1, -1), b_down.view(num_paths, r1 - 1)
+    rows = []
+    for n in range(x.shape[0]):
+        rows.append(
+            sum(
+                top_gates[n, j] * torch.cat([w[p] @ x[n] + b[p], x.new_ones(1)]) @ up[p]
+                for j, p in enumerate(top_indices[n].tolist())
+            )
+        )
+    return torch.stack(rows)
+
+
 @pytest.mark.skipif(ana_layer._GROUPED_MM is None, reason="this torch has no grouped_mm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_and_block_dispatch_agree_with_their_gradients(monkeypatch, dtype):
@@ -159,22 +174,26 @@ def test_grouped_and_block_dispatch_agree_with_their_gradients(monkeypatch, dtyp
     logits = torch.randn(37, num_paths)
     logits[:, 3] = -1e9  # a path with no rows
     top = logits.topk(k, dim=-1)
-    assert ana_layer._grouped_mm_fits(x.to(dtype), r, d_out)
-    assert not ana_layer._grouped_mm_fits(x[:, :6], r, d_out)  # rows of 24 bytes
-    assert not ana_layer._grouped_mm_fits(x.bfloat16(), 4, d_out)  # gradient rows of 8 bytes
+    assert ana_layer._grouped_mm_fits(x.to(dtype), r)
+    assert not ana_layer._grouped_mm_fits(x[:, :6], r)  # rows of 24 bytes
+    assert not ana_layer._grouped_mm_fits(x.bfloat16(), 4)  # gradient rows of 8 bytes
     results = {}
-    for grouped in (True, False):
-        monkeypatch.setattr(ana_layer, "_grouped_mm_fits", lambda *args, grouped=grouped: grouped)
+    for dispatch in ("grouped", "blocks", "reference"):
+        monkeypatch.setattr(ana_layer, "_grouped_mm_fits", lambda *args, grouped=dispatch == "grouped": grouped)
         leaves = [t.to(dtype).requires_grad_() for t in (x, w_down, b_down, up, top.values.softmax(-1))]
-        out = AnALayer._sparse_paths(*leaves[:4], leaves[4], top.indices)
+        run = reference_sparse_paths if dispatch == "reference" else AnALayer._sparse_paths
+        out = run(*leaves, top.indices)
         out.float().sum().backward()  # an expanded gradient, the layout most likely to trip a kernel
-        results[grouped] = (out.detach().float(), [leaf.grad.float() for leaf in leaves])
-    # bf16: the two dispatches sum in different orders; outputs and gradients are of order 10
+        results[dispatch] = (out.detach().float(), [leaf.grad.float() for leaf in leaves])
+    # bf16: the dispatches sum in different orders; outputs and gradients are of order 10
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.25)
-    torch.testing.assert_close(results[True][0], results[False][0], **tol)
-    for a, b in zip(results[True][1], results[False][1]):
-        torch.testing.assert_close(a, b, **tol)
-    assert results[True][1][1].view(num_paths, r, d_in)[3].abs().sum() == 0  # the unused path got no gradient
+    for dispatch in ("grouped", "blocks"):
+        torch.testing.assert_close(results[dispatch][0], results["reference"][0], **tol)
+        for a, b in zip(results[dispatch][1], results["reference"][1]):
+            torch.testing.assert_close(a, b, **tol)
+        grads = results[dispatch][1]
+        assert grads[1].view(num_paths, r, d_in)[3].abs().sum() == 0  # the unused path got no gradient
+        assert grads[2].view(num_paths, r)[3].abs().sum() == 0 and grads[3][3].abs().sum() == 0
 
 
 def test_a_torch_without_the_cpu_grouped_kernel_uses_the_blocks(monkeypatch):
@@ -189,7 +208,7 @@ def test_a_torch_without_the_cpu_grouped_kernel_uses_the_blocks(monkeypatch):
     monkeypatch.setattr(ana_layer, "_GROUPED_MM", cuda_only)
     ana_layer._cpu_grouped_mm_runs.cache_clear()
     try:
-        assert not ana_layer._grouped_mm_fits(x, 8, 16)
+        assert not ana_layer._grouped_mm_fits(x, 8)
         torch.testing.assert_close(AnALayer._sparse_paths(x, w, b, up, top.values.softmax(-1), top.indices), expected)
     finally:
         ana_layer._cpu_grouped_mm_runs.cache_clear()

@@ -34,9 +34,9 @@ from ...routing.gating import GateOutput, noisy_top_k_gating
 from .config import AnAConfig
 
 
-# Rows per block of the sparse gate's batched-matmul dispatch (_block_rows): each selected (token, path) pair is a
-# row; rows are grouped by path and padded to a multiple of this, so that one batched matmul over blocks evaluates
-# every path on its own tokens.
+# Rows per block of the sparse gate's batched-matmul down-projection (_block_down): each selected (token, path) pair
+# is a row; rows are grouped by path and padded to a multiple of this, so that one batched matmul over blocks
+# evaluates every path on its own tokens.
 SPARSE_BLOCK_ROWS = 16
 # Tasks whose stacked paths a layer keeps cached (mixed batches use several tasks); least recently used dropped.
 STACK_CACHE_TASKS = 4
@@ -444,10 +444,12 @@ class AnALayer(BaseTunerLayer):
     ) -> torch.Tensor:
         """``sum_j top_gates[n, j] * path_{top_indices[n, j]}(x_n)`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)``.
 
-        Each selected (token, path) pair is a row; rows are sorted by path, each path is evaluated on its own rows,
-        and the rows are summed back into their tokens. Cost: ``N*k`` rank-``r`` rows, whatever the number of
-        paths. Where ``grouped_mm`` runs (:func:`_grouped_mm_fits`: the CPU) two grouped GEMMs do it in place;
-        elsewhere (CUDA's grouped GEMM takes bf16 only) :func:`_block_rows` pads each path's rows into blocks.
+        Each selected (token, path) pair is a row. Down-projection: the rows, sorted by path, each path's weights
+        applied to its own rows -- by a grouped GEMM where ``grouped_mm`` runs (:func:`_grouped_mm_fits`: the CPU),
+        elsewhere by batched matmuls over padded blocks (:func:`_block_down`; CUDA's grouped GEMM takes bf16 only).
+        Up-projection, gates and the sum over a token's ``k`` paths: one ``embedding_bag`` whose table is the stacked
+        ``U`` rows ``(E*(r + 1), d_out)``, token ``n``'s bag the ``k*(r + 1)`` rows of its paths, weighted by
+        ``g * [h + b, 1]``. Cost: ``N*k`` rank-``r`` rows, whatever the number of paths.
         """
         num_tokens, k = top_indices.shape
         num_paths, r1, d_out = up.shape
@@ -455,12 +457,19 @@ class AnALayer(BaseTunerLayer):
         order = torch.argsort(pair_path, stable=True)
         counts = torch.bincount(pair_path, minlength=num_paths)
         row_token = order // k
-        row_gate = top_gates.reshape(-1).index_select(0, order)
-        if _grouped_mm_fits(x, r1 - 1, d_out):
-            y = _grouped_rows(x, w_down, b_down, up, counts, row_token, row_gate)
-        else:
-            y, row_token = _block_rows(x, w_down, b_down, up, counts, row_token, row_gate)
-        return x.new_zeros(num_tokens, d_out).index_add_(0, row_token, y)
+        down = _grouped_down if _grouped_mm_fits(x, r1 - 1) else _block_down
+        h = down(x, w_down.view(num_paths, r1 - 1, -1), counts, row_token)  # (N*k, r), sorted by path
+        # back to pair order, plus each path's down bias, with the 1 that carries its up bias row, gated
+        features = torch.empty_like(h).index_copy_(0, order, h).view(num_tokens, k, r1 - 1)
+        features = F.pad(features + b_down.view(num_paths, -1)[top_indices], (0, 1), value=1.0)
+        features = features * top_gates.unsqueeze(-1)
+        rows = top_indices.unsqueeze(-1) * r1 + torch.arange(r1, device=x.device)  # (N, k, r + 1) rows of U
+        return F.embedding_bag(
+            rows.view(num_tokens, -1),
+            up.view(-1, d_out),
+            per_sample_weights=features.view(num_tokens, -1).to(up.dtype),
+            mode="sum",
+        )
 
     def adapter_output(
         self, adapter_name: str, x: torch.Tensor, sample_tasks: torch.Tensor, uniform: Optional[int] = None
@@ -632,15 +641,14 @@ class AnALinear(ParameterCacheMixin, nn.Module, AnALayer):
         return "ana." + super().__repr__()
 
 
-def _grouped_mm_fits(x: torch.Tensor, r: int, d_out: int) -> bool:
-    """Whether :func:`_grouped_rows` can run: ``torch.nn.functional.grouped_mm`` runs on ``x``'s device and dtype
+def _grouped_mm_fits(x: torch.Tensor, r: int) -> bool:
+    """Whether :func:`_grouped_down` can run: ``torch.nn.functional.grouped_mm`` runs on ``x``'s device and dtype
     (the CPU in float32 / bf16 / fp16, on a torch that has a CPU kernel), and the rows of its operands and of their
-    gradients (``d_in``, ``r`` and ``d_out`` wide) are 16-byte aligned."""
+    gradients (``d_in`` and ``r`` wide) are 16-byte aligned."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     align = 16 // x.element_size()
-    aligned = x.shape[-1] % align == 0 and r % align == 0 and d_out % align == 0
-    return aligned and _cpu_grouped_mm_runs(x.dtype)
+    return x.shape[-1] % align == 0 and r % align == 0 and _cpu_grouped_mm_runs(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -655,46 +663,18 @@ def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
     return True
 
 
-def _grouped_rows(
-    x: torch.Tensor,
-    w_down: torch.Tensor,
-    b_down: torch.Tensor,
-    up: torch.Tensor,
-    counts: torch.Tensor,
-    row_token: torch.Tensor,
-    row_gate: torch.Tensor,
-) -> torch.Tensor:
-    """Outputs ``(P, d_out)`` of the ``P`` pair rows (sorted by path; ``counts`` ``(E,)`` rows per path, ``row_token``
-    and ``row_gate`` ``(P,)``), each path's down- and up-projection a grouped GEMM over its own rows."""
-    num_paths, r1, d_out = up.shape
-    r = r1 - 1
+def _grouped_down(x: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+    """Down-projections ``(P, r)`` of the ``P`` pair rows (sorted by path: ``counts`` ``(E,)`` rows per path, token
+    ``row_token`` ``(P,)`` each) by one grouped GEMM: each path's ``w_down`` ``(E, r, d_in)`` on its own rows."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    row_path = torch.repeat_interleave(torch.arange(num_paths, device=x.device), counts, output_size=row_token.numel())
-    h = _GROUPED_MM(x.index_select(0, row_token), w_down.view(num_paths, r, -1).transpose(1, 2), offs=offsets)
-    h = h + b_down.view(num_paths, r).index_select(0, row_path)
-    g = row_gate.unsqueeze(-1)
-    # grouped_mm reads rows of 16 bytes: [g*h, g] (the g carries the up bias) is padded with zero columns and U with
-    # zero rows to match
-    pad = -r1 % (16 // x.element_size())
-    h = torch.cat([h * g, g, g.new_zeros(g.shape[0], pad)], dim=-1)
-    return _GROUPED_MM(h, F.pad(up, (0, 0, 0, pad)) if pad else up, offs=offsets)
+    return _GROUPED_MM(x.index_select(0, row_token), w_down.transpose(1, 2), offs=offsets)
 
 
-def _block_rows(
-    x: torch.Tensor,
-    w_down: torch.Tensor,
-    b_down: torch.Tensor,
-    up: torch.Tensor,
-    counts: torch.Tensor,
-    row_token: torch.Tensor,
-    row_gate: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_grouped_rows` by batched matmuls: each path's rows padded to a multiple of ``SPARSE_BLOCK_ROWS``, so
-    that every block belongs to one path, whose weights are gathered per block (like MoE-CL's gather dispatch).
-    Padding rows have gate 0 and add an exact 0. Returns ``(outputs (R, d_out), token of each row (R,))`` for the
-    ``R`` rows, padding included (at most ``E*(SPARSE_BLOCK_ROWS - 1)`` more than ``P``)."""
-    num_paths, r1, d_out = up.shape
-    r, d_in, block, device = r1 - 1, x.shape[-1], SPARSE_BLOCK_ROWS, x.device
+def _block_down(x: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+    """:func:`_grouped_down` by batched matmuls: each path's rows padded to a multiple of ``SPARSE_BLOCK_ROWS``, so
+    that every block belongs to one path, whose weights are gathered per block (like MoE-CL's gather dispatch)."""
+    num_paths, r, d_in = w_down.shape
+    block, device = SPARSE_BLOCK_ROWS, x.device
     blocks = (counts + block - 1) // block
     # destination of sorted row i: its path's first padded row, plus its rank among that path's rows
     first_row = (torch.cumsum(blocks, 0) - blocks) * block - (torch.cumsum(counts, 0) - counts)
@@ -703,14 +683,7 @@ def _block_rows(
     dest += torch.arange(num_rows, device=device)
     num_blocks = int(blocks.sum())
     block_path = torch.repeat_interleave(torch.arange(num_paths, device=device), blocks, output_size=num_blocks)
-    rows = num_blocks * block
-    padded_token = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, dest, row_token)
-    padded_gate = x.new_zeros(rows).index_copy_(0, dest, row_gate)
+    padded_token = torch.zeros(num_blocks * block, dtype=torch.long, device=device).index_copy_(0, dest, row_token)
     xs = x.index_select(0, padded_token).view(num_blocks, block, d_in)
-    w_sel = w_down.view(num_paths, r * d_in).index_select(0, block_path).view(num_blocks, r, d_in)
-    b_sel = b_down.view(num_paths, r).index_select(0, block_path).view(num_blocks, 1, r)
-    h = torch.baddbmm(b_sel, xs, w_sel.transpose(1, 2))  # (blocks, block, r)
-    g = padded_gate.view(num_blocks, block, 1)
-    h = torch.cat([h * g, g], dim=-1)
-    u_sel = up.view(num_paths, r1 * d_out).index_select(0, block_path).view(num_blocks, r1, d_out)
-    return torch.bmm(h, u_sel).view(rows, d_out), padded_token
+    w_sel = w_down.reshape(num_paths, r * d_in).index_select(0, block_path).view(num_blocks, r, d_in)
+    return torch.bmm(xs, w_sel.transpose(1, 2)).view(num_blocks * block, r).index_select(0, dest)
