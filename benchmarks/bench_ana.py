@@ -13,12 +13,14 @@ the dense gate and with ``gate_top_k=2``, divided by one LoRA r = 8 on the same 
 ``T*r`` (the floor of a dense gate over ``T`` rank-``r`` paths). The models get a trained-like state (random
 non-zero up-projections and gates) so that the sparse gate's tokens spread over the paths.
 
-Measured (2-core CPU, 1 thread, ``--forward-only``, best of 10; two runs of 2026-12-08, the spread is the
-machine's noise): AnA/LoRA r=8 = 1.00 (1 task), 1.09 / 1.09 (10 tasks dense), 1.39 / 1.33 (30 tasks dense), 1.10 /
-1.08 (10 tasks top-2), 1.17 / 1.14 (30 tasks top-2); LoRA r=80 1.10 / 1.10, LoRA r=240 1.30 / 1.27; dense AnA / LoRA
-r=T*r = 0.99 / 0.99 (10 tasks), 1.07 / 1.05 (30 tasks). The sparse gate's paths run as grouped GEMMs on the CPU
-(``AnALayer._sparse_paths``); with the earlier padded blocks, top-2 was 1.43 / 1.46 and 1.91 / 1.72 at 10 / 30 tasks,
-slower than dense.
+Measured (2-core CPU, 1 thread, ``--forward-only``, best of 10; two runs of 2026-12-08 after the sparse gate's
+up-projections became one ``embedding_bag``; the spread is the machine's noise, which moves a best-of-10 time by up
+to 10 %: bench_scale's paired ratios are the steadier figures): AnA/LoRA r=8 = 0.98 (1 task), 1.14 / 1.07 (10 tasks
+dense), 1.46 / 1.34 (30 tasks dense), 1.11 / 1.03 (10 tasks top-2), 1.22 / 1.10 (30 tasks top-2); LoRA r=80 1.08 /
+1.10, LoRA r=240 1.36 / 1.30; dense AnA / LoRA r=T*r = 1.06 / 0.97 (10 tasks), 1.07 / 1.03 (30 tasks). The sparse
+gate (``AnALayer._sparse_paths``) computes only the selected paths: a grouped GEMM for their down-projections on the
+CPU, one ``embedding_bag`` for their up-projections; with the earlier padded blocks, top-2 was 1.43 / 1.46 and 1.91
+/ 1.72 at 10 / 30 tasks, slower than dense.
 
 Init study: a sequence of 4 domains of the 8x8 digits (original, inverted, mirrored, shifted+noisy), 10 classes
 each, few training samples (task-incremental, each task evaluated with its task id). A frozen random MLP
