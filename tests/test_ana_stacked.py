@@ -196,6 +196,18 @@ def test_grouped_and_block_dispatch_agree_with_their_gradients(monkeypatch, dtyp
         assert grads[2].view(num_paths, r)[3].abs().sum() == 0 and grads[3][3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_the_sparse_paths_take_a_batch_without_tokens(monkeypatch, grouped):
+    monkeypatch.setattr(ana_layer, "_grouped_mm_fits", lambda *args: grouped)
+    x, w, b, up = torch.randn(0, 8), torch.randn(3 * 8, 8), torch.randn(3 * 8), torch.randn(3, 9, 16)
+    top = torch.randn(0, 3).topk(2, dim=-1)
+    out = AnALayer._sparse_paths(x, w, b, up, top.values.softmax(-1), top.indices)
+    assert out.shape == (0, 16)
+    monkeypatch.undo()
+    model, _ = multi_task_model(4, gate_top_k=2)
+    assert model.eval()(X=torch.randn(0, 5, 6)).shape[:2] == (0, 5)
+
+
 def test_a_torch_without_the_cpu_grouped_kernel_uses_the_blocks(monkeypatch):
     torch.manual_seed(0)
     x, w, b, up = torch.randn(9, 8), torch.randn(3 * 8, 8), torch.randn(3 * 8), torch.randn(3, 9, 16)

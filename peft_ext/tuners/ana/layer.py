@@ -465,9 +465,9 @@ class AnALayer(BaseTunerLayer):
         features = features * top_gates.unsqueeze(-1)
         rows = top_indices.unsqueeze(-1) * r1 + torch.arange(r1, device=x.device)  # (N, k, r + 1) rows of U
         return F.embedding_bag(
-            rows.view(num_tokens, -1),
+            rows.view(num_tokens, k * r1),
             up.view(-1, d_out),
-            per_sample_weights=features.view(num_tokens, -1).to(up.dtype),
+            per_sample_weights=features.view(num_tokens, k * r1).to(up.dtype),
             mode="sum",
         )
 
