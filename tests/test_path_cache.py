@@ -187,3 +187,115 @@ def test_moecl_cached_routers_match_cache_free():
     with torch.no_grad():
         router.add_(torch.randn_like(router))
     assert not torch.allclose(check_mixed(), loaded)
+
+
+def ana_layers(model):
+    from peft_ext.tuners.ana import AnALinear
+
+    return [m for m in model.modules() if isinstance(m, AnALinear)]
+
+
+def frozen_tensors(layer, adapter="t0"):
+    tasks = list(layer.ana_tasks[adapter])[: layer.ana_num_frozen[adapter]]
+    own = [[t.down.weight, t.down.bias, t.up.weight, t.up.bias, t.scale] for t in tasks]
+    return [
+        p
+        for task, params in zip(tasks, own)
+        for p in params + ([task.in_weight, task.in_bias] if task.num_in_adapters else [])
+    ]
+
+
+def four_tasks():
+    model = ana_model(gate_top_k=2)
+    for name in ["t1", "t2", "t3"]:
+        model.add_task(name)
+    assert ana_layers(model)[0].ana_num_frozen["t0"] == 3
+    return model
+
+
+def test_ana_frozen_tasks_share_one_version_counter():
+    model = four_tasks()
+    layer = ana_layers(model)[0]
+    frozen = frozen_tensors(layer)
+    ids, values = [id(p) for p in frozen], [p.detach().clone() for p in frozen]
+    frozen[3]._custom_tag = "kept"
+    x = {"X": torch.randn(4, 5, 6)}
+    model.eval()
+    with torch.no_grad():
+        before = model(**x)
+    probe = layer._frozen_probe("t0")
+    assert len(frozen) == 19 and len(probe) == 1  # one buffer: every frozen tensor, in-adapters included
+    assert [id(p) for p in frozen_tensors(layer)] == ids  # the same parameter objects (optimizers keep them)
+    assert all(torch.equal(p, v) for p, v in zip(frozen, values)) and frozen[3]._custom_tag == "kept"
+    for p in frozen:  # an in-place edit of any frozen tensor moves the one counter read
+        version = probe[0]._version
+        with torch.no_grad():
+            p.mul_(1.0)
+        assert probe[0]._version > version, p.shape
+    with torch.no_grad():
+        frozen[-4].add_(0.5)  # the last frozen task's up bias, far from the probe
+        assert not torch.allclose(model(**x), before)
+    assert_cache_exact(model, x, ["t0", "t2", "t3"])
+    model.to(torch.float64)  # .to() assigns param.data: the counter stays shared
+    x64 = {"X": x["X"].double()}
+    model.eval()
+    with torch.no_grad():
+        moved = model(**x64)
+        frozen_tensors(ana_layers(model)[1])[7].add_(0.5)
+        assert not torch.allclose(model(**x64), moved)
+    assert_cache_exact(model, x64, ["t0", "t3"])
+
+
+def test_ana_shared_frozen_tensors_save_load_and_copy(tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    model = four_tasks()
+    x = {"X": torch.randn(4, 5, 6)}
+    model.eval()
+    with torch.no_grad():
+        out = model(**x)  # shares the frozen tensors' storage
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(MLP().eval(), tmp_path / "t0", adapter_name="t0").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x), out)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**x), out)
+        frozen_tensors(ana_layers(twin)[0])[9].add_(0.5)  # the copy's tensors share nothing with each other yet
+        assert not torch.allclose(twin(**x), out)
+        torch.testing.assert_close(model(**x), out)
+
+
+def test_ana_frozen_tensor_torch_cannot_swap_is_checked_on_its_own():
+    import weakref
+
+    model = four_tasks()
+    layer = ana_layers(model)[0]
+    held = frozen_tensors(layer)[6]
+    ref = weakref.ref(held)  # swap_tensors refuses a tensor with a weak reference
+    x = {"X": torch.randn(4, 5, 6)}
+    model.eval()
+    with torch.no_grad():
+        before = model(**x)
+        probe = layer._frozen_probe("t0")
+        assert any(p is held for p in probe) and len(probe) == 2
+        ref().add_(0.5)
+        assert not torch.allclose(model(**x), before)
+
+
+def test_ana_frozen_tensors_shared_under_inference_mode_still_train():
+    model = four_tasks()
+    x = {"X": torch.randn(4, 5, 6)}
+    model.eval()
+    with torch.inference_mode():
+        before = model(**x)  # the first forward after the tasks were added: it shares the frozen tensors
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(**x).pow(2).mean().backward()
+    model.eval()
+    with torch.inference_mode():
+        frozen_tensors(ana_layers(model)[0])[2].add_(0.5)
+        assert not torch.allclose(model(**x), before)

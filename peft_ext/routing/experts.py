@@ -43,6 +43,48 @@ _VERSION = attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
 
 
+def share_version_counter(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Turn the frozen parameters ``tensors`` into views of one flat buffer per dtype and device, so that they share
+    one version counter: an in-place change of any of them moves the counter of all. Returns the tensors whose
+    version sum covers every tensor of ``tensors``: one per buffer, plus each tensor left as it was.
+
+    Each parameter is swapped in place (``torch.utils.swap_tensors``): the same Python object, with its attributes,
+    now viewing the buffer, so optimizers and modules keep their references. ``.to()``, ``.half()`` and loading keep
+    the sharing (they assign ``param.data`` or copy into it, and a tensor keeps its counter through both);
+    ``load_state_dict(assign=True)`` and the swapping ``_apply`` replace the tensors, and their owner clears its
+    cache on both, which collects and shares afresh. torch refuses to swap a tensor with a weak reference or one an
+    autograd graph still holds: such a tensor is left as it was and returned, to be checked on its own.
+    """
+    unique = list({id(t): t for t in tensors}.values())
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    covered: list[torch.Tensor] = []
+    for t in unique:
+        if isinstance(t, nn.Parameter) and not t.requires_grad and t.numel() and not t.is_inference():
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        else:
+            covered.append(t)
+    # the buffer must be a normal tensor even when the first forward runs under torch.inference_mode(): an inference
+    # tensor has no version counter and cannot enter autograd
+    with torch.inference_mode(False), torch.no_grad():
+        for group in groups.values():
+            buffer = torch.cat([t.detach().reshape(-1) for t in group])
+            shared, offset = None, 0
+            for t in group:
+                view = buffer[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
+                replacement = nn.Parameter(view, requires_grad=False)
+                replacement.__dict__.update(t.__dict__)  # swap_tensors swaps the attributes too
+                try:
+                    torch.utils.swap_tensors(t, replacement)
+                except RuntimeError:
+                    covered.append(t)
+                    continue
+                shared = t if shared is None else shared
+            if shared is not None:
+                covered.append(shared)
+    return covered
+
+
 class ParameterCache:
     """Values derived from parameters (stacks, products), rebuilt only when one of those parameters changes.
 
@@ -54,8 +96,9 @@ class ParameterCache:
       sum moves with any of them);
     * the sum of the version counters of its *frozen* parameters (``frozen``) is the same: it moves with any
       in-place change of any of them (a hand edit, a load), and it is one C-level pass (``sum(map(...))``) instead
-      of a Python-level check per parameter -- the per-forward cost that grew with the task count. Their storage is
-      trusted: it only moves in ``.to()`` / loading, which call :meth:`clear`;
+      of a Python-level check per parameter -- the per-forward cost that grew with the task count. An owner may
+      pass, for many frozen tensors that share one counter (:func:`share_version_counter`), one of them. Their
+      storage is trusted: it only moves in ``.to()`` / loading, which call :meth:`clear`;
     * the inference-mode flag is the same (a tensor made in inference mode cannot enter an autograd graph).
 
     ``build`` runs under ``torch.no_grad()``: entries are constants. At most ``max_entries`` value slots are kept
@@ -120,8 +163,8 @@ class ParameterCache:
 
 class ParameterCacheMixin:
     """``nn.Module`` mixin (list it before ``nn.Module``) owning a :class:`ParameterCache`, kept in ``__dict__``:
-    never a buffer, never in the state dict. Clears it on ``_apply`` (``.to()``, ``.half()``, ...) and on
-    ``load_state_dict`` (``assign=True`` replaces the parameter objects); owners clear it on their structural
+    never a buffer, never in the state dict, never copied. Clears it on ``_apply`` (``.to()``, ``.half()``, ...) and
+    on ``load_state_dict`` (``assign=True`` replaces the parameter objects); owners clear it on their structural
     changes (tasks added, ended, removed)."""
 
     param_cache_entries: Optional[int] = None
@@ -135,6 +178,13 @@ class ParameterCacheMixin:
     def _apply(self, fn, recurse=True):
         self.param_cache().clear()
         return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # a copy (copy.deepcopy, pickle) starts without a cache: its tensors are new, and no longer share the
+        # version counters the cached lists relied on
+        state = dict(super().__getstate__())
+        state.pop("_param_cache", None)
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.param_cache().clear()

@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...routing.core import WHOLE_MODEL_SCOPE
-from ...routing.experts import ParameterCacheMixin
+from ...routing.experts import ParameterCacheMixin, share_version_counter
 from ...routing.gating import GateOutput, noisy_top_k_gating
 from .config import AnAConfig
 
@@ -354,18 +354,18 @@ class AnALayer(BaseTunerLayer):
 
         Built from the per-task parameters, cached in the layer's
         :class:`~peft_ext.routing.experts.ParameterCache`. The first ``ana_num_frozen`` tasks are frozen by the
-        schedule: their tensors are checked through one version sum; the open task's (its adapter, its
-        in-adapters) by pointer and version sum. Without gradients, or with nothing live requiring one (a frozen
-        task), the whole result is cached. While the
-        open task trains, only the frozen tasks' stack is cached; the open task's tensors are stacked and composed
-        afresh each forward, so they get their gradients (and never come from a stale copy) and the frozen ones
-        none.
+        schedule: their tensors share one version counter (:meth:`_frozen_probe`), read once per forward; the open
+        task's (its adapter, its in-adapters) are checked by pointer and version sum. Without gradients, or with
+        nothing live requiring one (a frozen task), the whole result is cached. While the open task trains, only the
+        frozen tasks' stack is cached; the open task's tensors are stacked and composed afresh each forward, so they
+        get their gradients (and never come from a stale copy) and the frozen ones none.
         """
         num_frozen = min(self.ana_num_frozen.get(adapter_name, 0), task_index + 1)
         cache = self.param_cache()
         # the parameter lists, collected once per task structure (len and num_frozen move with add/end/remove task)
         structure = (adapter_name, task_index, len(self.ana_tasks[adapter_name]), num_frozen)
-        experts, frozen, live = cache.groups(structure, lambda: self._path_params(adapter_name, task_index, num_frozen))
+        experts, live = cache.groups(structure, lambda: self._path_params(adapter_name, task_index, num_frozen))
+        frozen = self._frozen_probe(adapter_name)
         # (live is empty for a frozen task; nothing live trains e.g. while another adapter is active)
         if not torch.is_grad_enabled() or not any(map(_REQUIRES_GRAD, live)):
             return cache.get(
@@ -385,20 +385,36 @@ class AnALayer(BaseTunerLayer):
 
     def _path_params(
         self, adapter_name: str, task_index: int, num_frozen: int
-    ) -> tuple[list[AnATask], list[nn.Parameter], list[nn.Parameter]]:
-        """``(tasks 0..t, frozen tensors, live tensors)`` behind task ``t``'s paths: the own projections of tasks
-        ``< num_frozen`` are frozen, those of later tasks and ``t``'s in-adapters are frozen only when ``t`` itself
-        is."""
+    ) -> tuple[list[AnATask], list[nn.Parameter]]:
+        """``(tasks 0..t, live tensors)`` behind task ``t``'s paths: the own projections of tasks ``>= num_frozen``,
+        and ``t``'s in-adapters unless ``t`` itself is frozen (the frozen ones: :meth:`_frozen_probe`)."""
         experts = list(self.ana_tasks[adapter_name])[: task_index + 1]
-        frozen, live = [], []
-        for e, task in enumerate(experts):
-            (frozen if e < num_frozen else live).extend(
-                [task.down.weight, task.down.bias, task.up.weight, task.up.bias, task.scale]
-            )
+        live = []
+        for task in experts[num_frozen:]:
+            live.extend(_own_tensors(task))
         last = experts[-1]
-        in_params = [last.in_weight, last.in_bias] if last.num_in_adapters else []
-        (frozen if task_index < num_frozen else live).extend(in_params)
-        return experts, frozen, live
+        if last.num_in_adapters and task_index >= num_frozen:
+            live.extend([last.in_weight, last.in_bias])
+        return experts, live
+
+    def _frozen_probe(self, adapter_name: str) -> list[torch.Tensor]:
+        """The tensors whose version sum covers every frozen tensor of ``adapter_name`` (the projections, scales and
+        in-adapters of its first ``ana_num_frozen`` tasks), which
+        :func:`~peft_ext.routing.experts.share_version_counter` turns into views of one buffer once per task
+        structure: one version read per forward instead of five per frozen task (the reads of 150 tensors cost ~7 %
+        of a 64-token forward at 30 tasks)."""
+        tasks = self.ana_tasks[adapter_name]
+        num_frozen = self.ana_num_frozen.get(adapter_name, 0)
+
+        def collect() -> list[torch.Tensor]:
+            frozen = []
+            for task in list(tasks)[:num_frozen]:
+                frozen.extend(_own_tensors(task))
+                if task.num_in_adapters:
+                    frozen.extend([task.in_weight, task.in_bias])
+            return share_version_counter(frozen)
+
+        return self.param_cache().groups((adapter_name, "frozen", len(tasks), num_frozen), collect)
 
     def task_output(self, adapter_name: str, task_index: int, x: torch.Tensor) -> torch.Tensor:
         """Adapter output of task ``t`` for tokens ``x`` ``(N, d_in)`` -> ``(N, d_out)`` (dtype of the adapter).
@@ -639,6 +655,11 @@ class AnALinear(ParameterCacheMixin, nn.Module, AnALayer):
 
     def __repr__(self) -> str:
         return "ana." + super().__repr__()
+
+
+def _own_tensors(task: AnATask) -> list[nn.Parameter]:
+    """A task's own projections and scale, the tensors its path is stacked from."""
+    return [task.down.weight, task.down.bias, task.up.weight, task.up.bias, task.scale]
 
 
 def _grouped_mm_fits(x: torch.Tensor, r: int) -> bool:
