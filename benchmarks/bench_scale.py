@@ -65,22 +65,21 @@ matrix evaluation <= 25 % of a 20-task run's time. Time ratios are checked at ev
 needs all of them).
 
 Measured (``benchmarks/results/bench_scale_cpu.md``, latest run: CPU, 2 cores, 1 thread, the defaults plus
-``--run-methods moecl,ana``, 256 s). Forward / LoRA r=8, batch 1 / 8 / 64: AnA at 30 tasks 1.50 / 1.42 / 1.31 dense
-and 1.37 / 1.16 / 1.05 with ``gate_top_k=2`` (1.38 / 1.13 in two 15-round reruns; goal 1.15: FAIL at batch 1, where
-the gate and the paths' cache check alone cost 1.13, measured with the paths skipped), at 100 tasks 2.6 / 2.4 dense
-and 1.8 / 1.3 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240 1.14 / 1.05 / 1.02 (FAIL at batch 1: the
-gate's projection and the up-projection's bias row are ``1/r`` of the adapter's arithmetic beyond LoRA's, 12.5 % at
-r=8, and the cache check reads the version counters of the 150 frozen tensors behind a layer's 30 paths). Train step
-/ LoRA r=8 at 100 tasks 3.6 / 2.8 (batch 1, dense / top-2) and 3.0 / 1.7 (batch 8). MoE-CL does not grow with the
-task count: 100 tasks / 1 task 0.99 / 1.00 forward (PASS), 1.00 / 0.94 train step. Adapter parameters at 100 tasks:
-AnA 117.3 M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per task and layer, are quadratic in T), 2.17 M
-trainable (4.3 M AdamW floats); MoE-CL 4.9 M, 36,864 trainable (only the router once the 8 experts are frozen).
-Selector at 100 tasks, ``auto`` vs the task named, batch 1 / 8 / 64: prototypes on shallow features +1.3 / -0.1 /
--0.7 % (PASS), ``select()`` itself 0.99 / 0.24 / 0.06 %; on deep features (the extra base pass, of the default
-``deep+shallow`` too) +92 / +92 / +94 %; autoencoders on shallow features +11.0 / +3.7 / +2.2 %, their ``select()``
-9.1 / 3.4 / 1.8 %. Whole runs (tiny BERT): evaluation takes 4.2 / 6.6 / 11.1 % of the run at 5 / 10 / 20 tasks
-(moecl; ana 4.1 / 7.7 / 19.8 %; goal 25 % at 20 tasks: PASS), peak RSS 537-550 MiB, RSS growth 0.2-0.3 MiB per task
-(moecl) and 0.9-1.0 MiB (ana).
+``--run-methods moecl,ana``, 245 s). Forward / LoRA r=8, batch 1 / 8 / 64: AnA at 30 tasks 1.40 / 1.43 / 1.37 dense
+and 1.30 / 1.15 / 1.06 with ``gate_top_k=2`` (1.31-1.33 / 1.14-1.15 / 1.09 in 15-round reruns; goal 1.15: FAIL at
+batch 1: 64 tokens over 30 paths, about 20 small calls per layer, each costing more than its arithmetic),
+at 100 tasks 2.2 / 2.4 dense and 1.55 / 1.30 top-2 (batch 1 / 8); dense AnA at 30 tasks / LoRA r=240 1.10 / 1.05 /
+1.06 (FAIL at batch 1: the gate's projection and the up-projection's bias row are ``1/r`` of the adapter's
+arithmetic beyond LoRA's, 12.5 % at r=8). Train step / LoRA r=8 at 100 tasks 3.4 / 2.6 (batch 1, dense / top-2) and
+3.0 / 1.6 (batch 8). MoE-CL does not grow with the task count: 100 tasks / 1 task 1.02 / 1.02 forward (PASS), 0.96 /
+0.97 train step. Adapter parameters at 100 tasks: AnA 117.3 M (5.2x the 22.7 M model: the gates, ``(d, t+1)`` per
+task and layer, are quadratic in T), 2.17 M trainable (4.3 M AdamW floats); MoE-CL 4.9 M, 36,864 trainable (only
+the router once the 8 experts are frozen). Selector at 100 tasks, ``auto`` vs the task named, batch 1 / 8 / 64:
+prototypes on shallow features +1.6 / +0.2 / +0.7 % (PASS), ``select()`` itself 1.1 / 0.23 / 0.06 %; on deep
+features (the extra base pass, of the default ``deep+shallow`` too) +91 / +94 / +95 %; autoencoders on shallow
+features +10.6 / +4.6 / +2.0 %, their ``select()`` 8.3 / 3.5 / 1.8 %. Whole runs (tiny BERT): evaluation takes 4.1 /
+6.5 / 10.9 % of the run at 5 / 10 / 20 tasks (moecl; ana 4.3 / 7.6 / 19.0 %; goal 25 % at 20 tasks: PASS), peak RSS
+538-550 MiB, RSS growth 0.2-0.4 MiB per task (moecl) and 0.8-1.0 MiB (ana).
 """
 
 from __future__ import annotations
