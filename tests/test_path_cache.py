@@ -196,13 +196,13 @@ def ana_layers(model):
 
 
 def frozen_tensors(layer, adapter="t0"):
-    tasks = list(layer.ana_tasks[adapter])[: layer.ana_num_frozen[adapter]]
-    own = [[t.down.weight, t.down.bias, t.up.weight, t.up.bias, t.scale] for t in tasks]
-    return [
-        p
-        for task, params in zip(tasks, own)
-        for p in params + ([task.in_weight, task.in_bias] if task.num_in_adapters else [])
-    ]
+    """A layer's frozen tensors: per frozen task its projections, scale and in-adapters (5 or 7)."""
+    tensors = []
+    for task in list(layer.ana_tasks[adapter])[: layer.ana_num_frozen[adapter]]:
+        tensors += [task.down.weight, task.down.bias, task.up.weight, task.up.bias, task.scale]
+        if task.num_in_adapters:
+            tensors += [task.in_weight, task.in_bias]
+    return tensors
 
 
 def four_tasks():
