@@ -18,6 +18,8 @@ from tiny_models import MLP, Tiny
 import peft_ext  # noqa: F401  (registers the methods)
 from peft_ext import AnAConfig, MoECLConfig
 from peft_ext.routing.experts import ParameterCache
+from peft_ext.tuners.ana import layer as ana_layer_module
+from peft_ext.tuners.moecl import layer as moecl_layer_module
 
 
 @contextlib.contextmanager
@@ -25,6 +27,10 @@ def cache_free():
     patch = pytest.MonkeyPatch()
     patch.setattr(ParameterCache, "get", lambda self, slot, params, build, frozen=(): build())
     patch.setattr(ParameterCache, "groups", lambda self, slot, collect: collect())
+    # collecting afresh must not share the frozen tensors again behind the real cache's back (see
+    # share_version_counter: only a cleared cache may)
+    for layer_module in (ana_layer_module, moecl_layer_module):
+        patch.setattr(layer_module, "share_version_counter", list)
     try:
         yield
     finally:
@@ -186,7 +192,17 @@ def test_moecl_cached_routers_match_cache_free():
     router = next(p for n, p in model.named_parameters() if "moecl_router.task0.w_gate.1" in n)
     with torch.no_grad():
         router.add_(torch.randn_like(router))
-    assert not torch.allclose(check_mixed(), loaded)
+    edited = check_mixed()
+    assert not torch.allclose(edited, loaded)
+    # the finished routers share one version counter: one tensor is read, and an edit of another is seen
+    routers = next(m for n, m in model.named_modules() if n.endswith("moecl_router.task0"))
+    frozen, _ = routers.param_cache().groups("params", routers._router_params)
+    assert len(frozen) == 1 and not any(p is frozen[0] for p in (routers.w_noise[2], routers.w_gate[-1]))
+    with torch.no_grad():
+        routers.w_noise[2].add_(torch.randn_like(routers.w_noise[2]))
+    model.train()  # the noise routers only act while training: compare the stacks themselves
+    with torch.no_grad():
+        torch.testing.assert_close(routers.w_noise[2], routers.stacked()[1][2])
 
 
 def ana_layers(model):

@@ -54,6 +54,10 @@ def share_version_counter(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]
     ``load_state_dict(assign=True)`` and the swapping ``_apply`` replace the tensors, and their owner clears its
     cache on both, which collects and shares afresh. torch refuses to swap a tensor with a weak reference or one an
     autograd graph still holds: such a tensor is left as it was and returned, to be checked on its own.
+
+    Call it only to fill an empty :class:`ParameterCache` (from :meth:`ParameterCache.groups`, which collects after
+    :meth:`ParameterCache.clear`): sharing again moves the tensors to a new buffer, whose counter starts afresh and
+    could repeat a version sum stored in an older entry.
     """
     unique = list({id(t): t for t in tensors}.values())
     groups: dict[tuple, list[torch.Tensor]] = {}

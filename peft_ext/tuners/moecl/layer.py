@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...routing.core import WHOLE_MODEL_SCOPE, RoutingState, pool_tokens
-from ...routing.experts import ExpertPool, ParameterCacheMixin
+from ...routing.experts import ExpertPool, ParameterCacheMixin, share_version_counter
 from ...routing.gating import GateOutput, load_balancing_loss, noisy_top_k_gating
 from ..regularization import RegularizedLayerMixin
 
@@ -100,7 +100,7 @@ class TaskRouters(ParameterCacheMixin, nn.Module):
 
         Without gradients a cached stack of all routers; with them, the cached stack of the frozen routers
         ``0..T-2`` and the last router appended afresh (so that it gets its gradient). The frozen routers are
-        checked through their version sum, the last one by pointer and version
+        checked through one shared version counter, the last one by pointer and version
         (:class:`~peft_ext.routing.experts.ParameterCache`): no per-router Python work per forward.
         """
         cache = self.param_cache()
@@ -117,9 +117,11 @@ class TaskRouters(ParameterCacheMixin, nn.Module):
         return torch.stack(list(self.w_gate)[:num]), torch.stack(list(self.w_noise)[:num])
 
     def _router_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """``(frozen, live)``: the routers of the finished tasks ``0..T-2``, and the last one's two tensors."""
+        """``(frozen, live)``: the tensors whose version sum covers the routers of the finished tasks ``0..T-2``
+        (made to share one counter, :func:`~peft_ext.routing.experts.share_version_counter`), and the last router's
+        two tensors."""
         gates, noises = list(self.w_gate), list(self.w_noise)
-        return gates[:-1] + noises[:-1], gates[-1:] + noises[-1:]
+        return share_version_counter(gates[:-1] + noises[:-1]), gates[-1:] + noises[-1:]
 
 
 class MoECLLayer(nn.Module, BaseTunerLayer, RegularizedLayerMixin):
