@@ -83,7 +83,8 @@ def share_version_counter(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]
                 except RuntimeError:
                     covered.append(t)
                     continue
-                shared = t if shared is None else shared
+                if shared is None:
+                    shared = t  # any swapped tensor stands for the whole buffer
             if shared is not None:
                 covered.append(shared)
     return covered

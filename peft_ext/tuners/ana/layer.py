@@ -392,9 +392,8 @@ class AnALayer(BaseTunerLayer):
         live = []
         for task in experts[num_frozen:]:
             live.extend(_own_tensors(task))
-        last = experts[-1]
-        if last.num_in_adapters and task_index >= num_frozen:
-            live.extend([last.in_weight, last.in_bias])
+        if task_index >= num_frozen:
+            live.extend(_in_adapter_tensors(experts[-1]))
         return experts, live
 
     def _frozen_probe(self, adapter_name: str) -> list[torch.Tensor]:
@@ -409,9 +408,7 @@ class AnALayer(BaseTunerLayer):
         def collect() -> list[torch.Tensor]:
             frozen = []
             for task in list(tasks)[:num_frozen]:
-                frozen.extend(_own_tensors(task))
-                if task.num_in_adapters:
-                    frozen.extend([task.in_weight, task.in_bias])
+                frozen.extend(_own_tensors(task) + _in_adapter_tensors(task))
             return share_version_counter(frozen)
 
         return self.param_cache().groups((adapter_name, "frozen", len(tasks), num_frozen), collect)
@@ -660,6 +657,11 @@ class AnALinear(ParameterCacheMixin, nn.Module, AnALayer):
 def _own_tensors(task: AnATask) -> list[nn.Parameter]:
     """A task's own projections and scale, the tensors its path is stacked from."""
     return [task.down.weight, task.down.bias, task.up.weight, task.up.bias, task.scale]
+
+
+def _in_adapter_tensors(task: AnATask) -> list[nn.Parameter]:
+    """A task's stacked in-adapters (none for task 0), folded into the earlier paths it reuses."""
+    return [task.in_weight, task.in_bias] if task.num_in_adapters else []
 
 
 def _grouped_mm_fits(x: torch.Tensor, r: int) -> bool:
